@@ -1,0 +1,1 @@
+"""Example ipltool plugin: one mapper (`linear`) and one domain pack (`example-pack`)."""

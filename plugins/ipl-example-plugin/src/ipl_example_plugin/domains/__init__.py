@@ -1,0 +1,1 @@
+"""Domain files of the example pack (the *.toml files beside this module)."""

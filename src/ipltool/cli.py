@@ -1,0 +1,105 @@
+"""The `ipl` command line: global options, command registration, error handling.
+
+Commands live in `ipltool.commands`, one module each; this module only wires them
+together. Every `IplError` becomes one line plus a hint on stderr (exit code 2 for
+bad input, 1 otherwise); other exceptions show a traceback only with `--debug` or
+`IPL_DEBUG=1`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Optional
+
+import click
+import typer
+
+from ipltool import __version__, console
+from ipltool.commands import plugins as plugins_cmd
+from ipltool.commands import prompts as prompts_cmd
+from ipltool.devices import check_device_spec
+from ipltool.errors import IplError
+
+app = typer.Typer(
+    name="ipl",
+    help=(
+        "Zero-shot generative model adaptation with Image-specific Prompt Learning (IPL).\n\n"
+        "Turns a pretrained StyleGAN2 into a generator of a new style described only by text."
+    ),
+    epilog="Examples:  ipl prompts list   |   ipl prompts show disney   |   ipl plugins",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out.print(f"ipl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    device: str = typer.Option("auto", "--device", help="auto (cuda, then mps, then cpu), cpu, mps, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and errors."),
+    json_output: bool = typer.Option(False, "--json", help="Print data as JSON (every command that prints data)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also IPL_DEBUG=1)."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    console.options.device = check_device_spec(device)
+    console.options.quiet = quiet
+    console.options.json = json_output
+    console.options.debug = debug or console.options.debug
+
+
+app.add_typer(prompts_cmd.app, name="prompts")
+app.command("plugins")(plugins_cmd.plugins)
+
+
+def _report(error: IplError) -> None:
+    console.err.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False)
+    if error.hint:
+        console.err.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` (default: `sys.argv[1:]`) and return the exit code."""
+    console.reset()
+    console.options.debug = os.environ.get("IPL_DEBUG", "") not in ("", "0")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" in args:
+        console.options.debug = True
+    try:
+        app(args=args, prog_name="ipl", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as bad:  # usage errors: unknown option, missing argument...
+        bad.show(file=sys.stderr)
+        return bad.exit_code
+    except click.exceptions.Abort:
+        console.err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        console.err.print("interrupted")
+        return 130
+    except IplError as error:
+        if console.options.debug:
+            traceback.print_exc()
+        _report(error)
+        return error.exit_code
+    except Exception as error:  # a bug: say so in one line unless debugging
+        if console.options.debug:
+            traceback.print_exc()
+        _report(IplError(f"unexpected {type(error).__name__}: {error}", hint="rerun with --debug for the traceback, and please report it"))
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

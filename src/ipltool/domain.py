@@ -1,0 +1,378 @@
+"""Domain files: what to adapt to, and with which settings.
+
+A domain file is TOML validated by the pydantic models below; unknown keys are
+errors. Defaults are the reference hyper-parameters of IPL (see spec/IPL.md), so a
+domain file only needs `name`, `source`, `target` and `generator`.
+
+Lookup of `--domain X` (first match wins):
+1. X is a path to an existing file;
+2. the user's domain dir (`$IPL_DOMAINS_DIR`, else `<user config dir>/ipltool/domains`);
+3. the built-in domains shipped in the package;
+4. domain packs of installed plugins (`ipltool.domains` entry points).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ipltool.errors import DomainError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+# ----------------------------------------------------------------------------
+# Schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipModel(_Strict):
+    """One CLIP model used by the losses.
+
+    `model` is an open_clip architecture name (OpenAI spellings such as `ViT-B/32` are
+    accepted), `pretrained` an open_clip tag or a path to a weights file, `weight` the
+    factor of this model's directional loss in the sum.
+    """
+
+    model: str = "ViT-B/32"
+    pretrained: str = "openai"
+    weight: float = Field(1.0, gt=0)
+
+
+class Prompts(_Strict):
+    """Custom sentences describing the target (the thesis' custom-prompt loss)."""
+
+    custom: list[str] = Field(default_factory=list)
+
+    @field_validator("custom")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if any(not s.strip() for s in value):
+            raise ValueError("custom prompts must not be empty strings")
+        return value
+
+
+class Loss(_Strict):
+    """Loss weights: stage 1 (`lambda_l`, `lambda_src`, `lambda_custom`) and stage 2."""
+
+    lambda_l: float = Field(1.0, ge=0, description="domain regularization weight (stage 1)")
+    lambda_src: float = Field(0.0, ge=0, description="source-side regularization, relative to lambda_l")
+    lambda_custom: float = Field(0.2, ge=0, description="custom-prompt loss, relative to lambda_l; used only with [prompts]")
+    lambda_direction: float = Field(1.0, ge=0, description="directional CLIP loss (stage 2)")
+    lambda_global: float = Field(0.0, ge=0, description="global CLIP loss (NADA baseline only)")
+
+
+class Mapper(_Strict):
+    """Stage 1: the latent mapper and its training."""
+
+    kind: str = "mlp"
+    steps: int = Field(300, ge=1)
+    batch: int = Field(32, ge=2)
+    lr: float = Field(0.05, gt=0)
+    seed: int = 3
+    options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments of the mapper")
+
+
+class Adapt(_Strict):
+    """Stage 2: generator adaptation."""
+
+    method: Literal["ipl", "nada"] = "ipl"
+    steps: int = Field(300, ge=1)
+    batch: int = Field(2, ge=1)
+    lr: float = Field(0.002, gt=0)
+    ema: float = Field(0.99, ge=0, lt=1)
+    auto_layer_k: int | None = Field(None, ge=1, description="layers trained per step; default int(2*n_latent/3)")
+    auto_layer_iters: int = Field(1, ge=0, description="0 turns the adaptive layer choice off")
+    auto_layer_batch: int = Field(8, ge=1)
+    mixing: float = Field(0.0, ge=0, le=1, description="style-mixing probability")
+    seed: int = 2
+    sample_every: int = Field(100, ge=1)
+    n_sample: int = Field(35, ge=1)
+    truncation: float = Field(0.7, gt=0, le=1)
+
+    def layer_k(self, n_latent: int) -> int:
+        """`auto_layer_k`, or the reference default `int(2 * n_latent / 3)` (12 at 1024, 10 at 512)."""
+        return self.auto_layer_k if self.auto_layer_k is not None else int(2 * n_latent / 3)
+
+
+class Domain(_Strict):
+    """A complete domain description: labels, models and hyper-parameters."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    source: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+    generator: str = Field(min_length=1, description="model registry name or path to a .pt checkpoint")
+    clip: list[ClipModel] = Field(default_factory=lambda: [ClipModel()], min_length=1)
+    ctx_init: str = Field("a photo of a", min_length=1)
+    prompts: Prompts = Field(default_factory=Prompts)
+    loss: Loss = Field(default_factory=Loss)
+    mapper: Mapper = Field(default_factory=Mapper)
+    adapt: Adapt = Field(default_factory=Adapt)
+
+    @field_validator("generator")
+    @classmethod
+    def _known_generator(cls, value: str) -> str:
+        if _looks_like_path(value) or value.endswith((".pt", ".pth", ".pkl")):
+            return value  # a file: checked when a command loads it
+        from ipltool import hub
+
+        known = [e.name for e in hub.list_models("generator")]
+        if value not in known:
+            raise ValueError(f"unknown generator {value!r}; known: {', '.join(known)}; or a path to a .pt file")
+        return value
+
+    @field_validator("source", "target", "ctx_init")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Domain":
+        """Return a copy with dotted keys replaced (`{"adapt.steps": 10}`), validated again.
+
+        Keys whose value is None are ignored, so unset command flags can be passed as they are.
+        """
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if part not in node or not isinstance(node[part], dict):
+                    raise DomainError(f"cannot override unknown key {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise DomainError(f"cannot override unknown key {dotted!r}")
+            node[leaf] = value
+        try:
+            return Domain.model_validate(data)
+        except ValidationError as err:
+            raise DomainError(f"override: {_describe(err.errors()[0])}") from None
+
+    def n_latent(self) -> int | None:
+        """W+ size of the domain's generator when it is a registry name (None for a file)."""
+        from ipltool import hub
+
+        if _looks_like_path(self.generator) or self.generator.endswith((".pt", ".pth", ".pkl")):
+            return None
+        size = hub.get_model(self.generator).arch["size"]
+        return 2 * (size.bit_length() - 1) - 2
+
+    def resolved(self) -> "Domain":
+        """A copy with derived defaults filled in (`adapt.auto_layer_k` from the generator size)."""
+        n_latent = self.n_latent()
+        if n_latent is None or self.adapt.auto_layer_k is not None:
+            return self
+        return self.with_overrides({"adapt.auto_layer_k": self.adapt.layer_k(n_latent)})
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The resolved domain as plain data for TOML (None values left out)."""
+        return _drop_none(self.model_dump())
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------
+# Reading and validating files
+
+
+def _describe(error: dict) -> str:
+    """One phrase for one pydantic error: the dotted key and what is wrong with it."""
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {key!r}"
+    if kind == "missing":
+        return f"missing required key {key!r}"
+    if kind == "value_error":
+        return f"key {key!r}: {error['msg'].removeprefix('Value error, ')}"
+    return f"key {key!r}: {error['msg'].lower()} (got {error.get('input')!r})"
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """Best-effort line number (1-based) of the key at `loc` in a TOML text."""
+    path = [str(p) for p in loc if not isinstance(p, int)]
+    if not path:
+        return None
+    table: list[str] = []
+    key_re = re.compile(r"""^\s*["']?([A-Za-z0-9_.-]+)["']?\s*=""")
+    header_re = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+    fallback = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = header_re.match(line)
+        if header:
+            table = header.group(1).split(".")
+            if table == path:
+                fallback = fallback or number
+            continue
+        key = key_re.match(line)
+        if key:
+            full = table + key.group(1).split(".")
+            if full == path:
+                return number
+            if full == path[: len(full)] and fallback is None:
+                fallback = number  # e.g. an inline table holding the key
+    return fallback
+
+
+def parse_domain(text: str, origin: str) -> Domain:
+    """Parse and validate domain TOML `text`; `origin` names the file in error messages.
+
+    Raises:
+        DomainError: one line naming the file, the key and (where it can be found) the line.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise DomainError(f"{origin}: invalid TOML: {err}", hint="check the quoting and brackets near that line") from None
+    try:
+        return Domain.model_validate(data)
+    except ValidationError as err:
+        errors = err.errors()
+        first = errors[0]
+        line = _line_of(text, first["loc"])
+        where = f"{origin}:{line}" if line else origin
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise DomainError(f"{where}: {_describe(first)}{more}", hint="`ipl prompts show disney` prints a complete domain file") from None
+
+
+def load_domain_file(path: str | Path) -> Domain:
+    """Read and validate one domain file.
+
+    Raises:
+        DomainError: missing or unreadable file, bad TOML, or invalid contents.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DomainError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DomainError(f"{path}: cannot read: {err}") from None
+    return parse_domain(text, str(path))
+
+
+# ----------------------------------------------------------------------------
+# Lookup
+
+Origin = Literal["path", "user", "builtin", "plugin"]
+
+
+@dataclass
+class DomainEntry:
+    """A domain file found by the lookup, valid or not.
+
+    `origin` is where it was found; `shadowed_by` names the origin of the entry that
+    wins when two share a name; `error` holds the validation message of a broken file.
+    """
+
+    name: str
+    path: Path
+    origin: Origin
+    provider: str = ""
+    domain: Domain | None = None
+    error: str | None = None
+    shadowed_by: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def user_domain_dir() -> Path:
+    """The user's domain directory: `$IPL_DOMAINS_DIR`, else `<user config dir>/ipltool/domains`."""
+    env = os.environ.get("IPL_DOMAINS_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_config_dir("ipltool")) / "domains"
+
+
+def builtin_domain_dir() -> Path:
+    """The directory of domain files shipped inside the package."""
+    return Path(str(resources.files("ipltool") / "domains"))
+
+
+def _scan(directory: Path, origin: Origin, provider: str) -> list[DomainEntry]:
+    entries = []
+    if not directory.is_dir():
+        return entries
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            domain = load_domain_file(path)
+            entries.append(DomainEntry(domain.name, path, origin, provider, domain=domain))
+        except DomainError as err:
+            entries.append(DomainEntry(path.stem, path, origin, provider, error=err.message))
+    return entries
+
+
+def discover_domains() -> list[DomainEntry]:
+    """Every domain file from the user dir, the built-ins and plugin packs, in lookup order.
+
+    An entry whose name an earlier entry already uses gets `shadowed_by` set.
+    """
+    from ipltool import registry  # late import: registry imports plugins lazily as well
+
+    entries = _scan(user_domain_dir(), "user", "user dir")
+    entries += _scan(builtin_domain_dir(), "builtin", "ipltool")
+    for provider, directory in registry.domain_pack_dirs():
+        entries += _scan(directory, "plugin", provider)
+    winners: dict[str, DomainEntry] = {}
+    for entry in entries:
+        if entry.name in winners:
+            entry.shadowed_by = winners[entry.name].origin
+        else:
+            winners[entry.name] = entry
+    return entries
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith(".toml") or os.sep in value or "/" in value
+
+
+def find_domain(name_or_path: str) -> DomainEntry:
+    """Resolve `--domain X` to a valid domain (see the module docstring for the order).
+
+    Raises:
+        DomainError: X is neither an existing file nor a known name, or the file is invalid.
+    """
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file():
+        return DomainEntry(candidate.stem, candidate, "path", str(candidate), domain=load_domain_file(candidate))
+    if _looks_like_path(name_or_path):
+        raise DomainError(f"{name_or_path}: no such file")
+    entries = [e for e in discover_domains() if e.name == name_or_path and e.shadowed_by is None]
+    if not entries:
+        known = sorted({e.name for e in discover_domains() if e.error is None})
+        raise DomainError(
+            f"unknown domain {name_or_path!r}",
+            hint=f"known domains: {', '.join(known)}; or pass a path to a .toml file",
+        )
+    entry = entries[0]
+    if entry.error:
+        raise DomainError(entry.error)
+    return entry
+
+
+def load_domain(name_or_path: str) -> Domain:
+    """Shortcut for `find_domain(name_or_path).domain`."""
+    return find_domain(name_or_path).domain

@@ -1,0 +1,13 @@
+"""StyleGAN2's two custom ops behind one dispatch point.
+
+`fused_leaky_relu` (bias + leaky ReLU + gain) and `upfirdn2d` (upsample, FIR filter,
+downsample). Each exists as a plain PyTorch reference (`_*_native`), which is the
+specification; `dispatch.resolve_impl` is the single place that decides which
+implementation a call uses.
+"""
+
+from ipltool.kernels.dispatch import available_impls, resolve_impl
+from ipltool.kernels.fused_act import FusedLeakyReLU, fused_leaky_relu
+from ipltool.kernels.upfirdn2d import upfirdn2d
+
+__all__ = ["FusedLeakyReLU", "available_impls", "fused_leaky_relu", "resolve_impl", "upfirdn2d"]

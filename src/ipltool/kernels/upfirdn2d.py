@@ -1,0 +1,77 @@
+"""upfirdn2d: zero-insertion upsampling, padding, 2-D FIR filtering, downsampling."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ipltool.kernels.dispatch import resolve_impl
+
+
+def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) not in (2, 4):
+        raise ValueError(f"{name} takes 1, 2 or 4 integers, got {value!r}")
+    return tuple(value)
+
+
+def _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+    n, c, h, w = x.shape
+    x = x.reshape(n * c, 1, h, w)
+
+    # 1. Upsample by inserting (up - 1) zeros after every sample.
+    if up_x > 1 or up_y > 1:
+        x = x.reshape(n * c, 1, h, 1, w, 1)
+        x = F.pad(x, [0, up_x - 1, 0, 0, 0, up_y - 1])
+        x = x.reshape(n * c, 1, h * up_y, w * up_x)
+
+    # 2. Pad (positive) or crop (negative) each border.
+    x = F.pad(x, [max(pad_x0, 0), max(pad_x1, 0), max(pad_y0, 0), max(pad_y1, 0)])
+    x = x[
+        :,
+        :,
+        max(-pad_y0, 0) : x.shape[2] - max(-pad_y1, 0),
+        max(-pad_x0, 0) : x.shape[3] - max(-pad_x1, 0),
+    ]
+
+    # 3. Convolve with the kernel (a true convolution, hence the flip).
+    weight = torch.flip(kernel, [0, 1]).view(1, 1, *kernel.shape).to(x.dtype)
+    x = F.conv2d(x, weight)
+
+    # 4. Downsample by keeping every down-th sample.
+    x = x[:, :, ::down_y, ::down_x]
+    return x.reshape(n, c, x.shape[2], x.shape[3])
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    up: int | tuple[int, int] = 1,
+    down: int | tuple[int, int] = 1,
+    pad: int | tuple[int, ...] = (0, 0),
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Upsample, pad, FIR-filter and downsample a batch of images.
+
+    Steps: 1. insert `up - 1` zeros between samples; 2. pad (or crop, when negative)
+    by `pad`; 3. convolve every channel with `kernel`; 4. keep every `down`-th sample.
+
+    Args:
+        x: (N, C, H, W) input.
+        kernel: (kh, kw) FIR filter.
+        up: upsampling factor, an int or (up_x, up_y).
+        down: downsampling factor, an int or (down_x, down_y).
+        pad: (pad0, pad1) applied to both axes, or (x0, x1, y0, y1).
+        impl: implementation name (see `ipltool.kernels.resolve_impl`).
+
+    Returns:
+        (N, C, H_out, W_out) with `H_out = (H*up_y + pad_y0 + pad_y1 - kh) // down_y + 1`.
+    """
+    up_x, up_y = _pair(up, "up")
+    down_x, down_y = _pair(down, "down")
+    pads = _pair(pad, "pad")
+    if len(pads) == 2:
+        pads = (pads[0], pads[1], pads[0], pads[1])
+    resolve_impl(impl)  # only "native" exists in this version
+    return _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, *pads)

@@ -1,0 +1,1 @@
+"""Networks: the StyleGAN2 generator, CLIP wrappers, latent mappers and their layers."""

@@ -1,0 +1,428 @@
+"""CLIP for IPL: a frozen open_clip model, differentiable preprocessing, and the learned-prompt encoder.
+
+`load_clip` builds a `Clip` from an open_clip architecture name plus a weights source
+(an open_clip tag, a local file, or nothing for a seeded random init). `Clip` turns
+generator images in [-1, 1] into CLIP features without PIL, and `PromptEncoder` runs
+CLIP's text tower with learned context vectors in place of the context tokens
+(IPL.md section 0).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TINY_MODEL = "ipl-tiny-clip"
+_TINY_CONFIG = Path(__file__).resolve().parents[1] / "data" / f"{TINY_MODEL}.json"
+_TINY_ALIASES = ("tiny", "ipl-tiny", TINY_MODEL)
+_OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+# `ipl fetch` names of the weights IPL uses; other models get the generic hint.
+_FETCH_NAMES = {"ViT-B-32": "clip-vit-b32", "ViT-B-16": "clip-vit-b16"}
+
+
+# ----------------------------------------------------------------------------
+# Names and loading
+
+
+def normalize_model_name(name: str) -> str:
+    """Turn a CLIP architecture name into open_clip's spelling.
+
+    Args:
+        name: an open_clip name ("ViT-B-32"), an OpenAI one ("ViT-B/32"), or "tiny" /
+            "ipl-tiny" for the small random test model.
+
+    Returns:
+        The open_clip config name ("ViT-B-32", or `TINY_MODEL`).
+    """
+    name = name.strip()
+    if name.lower() in _TINY_ALIASES:
+        return TINY_MODEL
+    return name.replace("/", "-")
+
+
+def _register_tiny_config() -> None:
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(_TINY_CONFIG)
+
+
+def _fetch_hint(name: str) -> str:
+    fetch = _FETCH_NAMES.get(name, "clip-vit-b32")
+    return f"run `ipl fetch {fetch}` or pass a local weights file"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES) or os.path.exists(pretrained)
+
+
+def _is_openai_file(path: Path) -> bool:
+    """True for OpenAI's own formats: a TorchScript archive, or a state dict with its int entries."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return True
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return False  # safetensors, numpy, ...: open_clip's own loader decides
+    if not isinstance(state, dict):
+        return False
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) or (torch.is_tensor(value) and value.ndim == 0 and not value.is_floating_point())
+
+    return all(is_int(state.get(key)) for key in _OPENAI_INT_KEYS)
+
+
+def _check_known_model(name: str) -> None:
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        choices = ", ".join(close or ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+        raise UnknownNameError(
+            f"unknown CLIP architecture {name!r}",
+            hint=f"try one of: {choices}, or `tiny` (open_clip.list_models() lists all)",
+        )
+
+
+def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module:
+    import open_clip
+
+    if pretrained is None:
+        _check_known_model(name)
+        # Seeded init that leaves the caller's RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=None, device="cpu")
+
+    if _looks_like_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise UsageError(f"CLIP weights file not found: {path}", hint=_fetch_hint(name))
+        try:
+            if _is_openai_file(path):
+                # open_clip's create_model(pretrained=FILE) rejects OpenAI files; the
+                # architecture is read from the file itself.
+                return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+            _check_known_model(name)
+            return open_clip.create_model(name, pretrained=str(path), device="cpu")
+        except IplError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot load CLIP weights {path} into {name}: {_first_line(exc)}",
+                hint="check that the file matches the --clip architecture",
+            ) from exc
+
+    _check_known_model(name)
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UnknownNameError(
+            f"unknown CLIP weights {pretrained!r} for {name} (neither a known tag nor a file)",
+            hint=f"tags for {name}: {', '.join(tags)}" if tags else _fetch_hint(name),
+        )
+    # OpenAI-trained weights use QuickGELU; the plain config (e.g. ViT-B-32) does not say so.
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=quick_gelu)
+    except Exception as exc:
+        raise IplError(f"cannot get CLIP weights {name}/{pretrained}: {_first_line(exc)}", hint=_fetch_hint(name)) from exc
+
+
+def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> "Clip":
+    """Build a frozen fp32 CLIP model.
+
+    Args:
+        model: architecture name (see `normalize_model_name`); "tiny" is a small random
+            model (embed_dim 32, 32x32 images) for tests.
+        pretrained: None for a random init seeded with `seed`; an open_clip tag such as
+            "openai" (downloads through open_clip); or a local file, either OpenAI's
+            format (TorchScript archive, or a state dict with the int entries
+            `input_resolution`/`context_length`/`vocab_size`, whose architecture is read
+            from the file) or an open_clip checkpoint for `model`.
+        device: where the model lives.
+        seed: seed of the random init (ignored when weights are loaded). The global RNG
+            is left as it was.
+
+    Returns:
+        A `Clip` in eval mode whose parameters do not require grad (gradients still
+        flow to images and prompts).
+
+    Raises:
+        UnknownNameError: unknown architecture or tag.
+        UsageError: the weights file does not exist.
+        CheckpointError: the file cannot be loaded into the architecture.
+        IplError: open_clip could not get the weights of a tag (no network, ...).
+    """
+    name = normalize_model_name(model)
+    if name == TINY_MODEL:
+        _register_tiny_config()
+    net = _load_model(name, pretrained, seed)
+    net = net.to(device).float().eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return Clip(net, name)
+
+
+# ----------------------------------------------------------------------------
+# The wrapper
+
+
+class Clip:
+    """A frozen open_clip model with differentiable preprocessing for generator output.
+
+    Attributes:
+        model: the open_clip model (`open_clip.CLIP` or `CustomTextCLIP`).
+        tokenizer: its open_clip tokenizer.
+        name: architecture name in open_clip's spelling.
+        image_size: CLIP input resolution S (224 for ViT-B/32).
+        logit_scale: `exp(model.logit_scale)` as a float (100 for OpenAI weights).
+        text_width: width d of the token embeddings (512 for ViT-B/32), None when the
+            text tower has no token-embedding table (Hugging Face towers).
+        embed_dim: size of the joint image-text feature space.
+
+    Args:
+        model: an open_clip model, already frozen and on its device.
+        name: its architecture name.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        import open_clip
+
+        self.model = model
+        self.name = name
+        self.device = next(model.parameters()).device
+        self.tokenizer = open_clip.get_tokenizer(name, context_length=getattr(model, "context_length", None))
+
+        size = model.visual.image_size
+        if isinstance(size, (tuple, list)):
+            if size[0] != size[1]:
+                raise UsageError(f"CLIP {name} has a non-square input {tuple(size)}, which is not supported")
+            size = size[0]
+        self.image_size = int(size)
+        self.logit_scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
+
+        embedding = getattr(model, "token_embedding", None)
+        if embedding is None:
+            embedding = getattr(getattr(model, "text", None), "token_embedding", None)
+        self.text_width = int(embedding.weight.shape[1]) if embedding is not None else None
+        self.embed_dim = _embed_dim(model, self.image_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Clip({self.name}, image_size={self.image_size}, embed_dim={self.embed_dim}, "
+            f"text_width={self.text_width}, device={self.device})"
+        )
+
+    def preprocess(self, x: torch.Tensor, antialias: bool = False) -> torch.Tensor:
+        """Generator images to CLIP input, differentiably (no PIL).
+
+        Steps: 1. map [-1, 1] to [0, 1]; 2. resize the shorter side to `image_size`
+        with bicubic interpolation (`align_corners=False`, no antialiasing by default:
+        the reference's behaviour), the longer side to `int(S * long / short)`, as
+        torchvision's `Resize(int)`; skipped when the shorter side is already S;
+        3. centre crop S x S as torchvision's `center_crop`; 4. normalise with
+        `CLIP_MEAN` / `CLIP_STD`.
+
+        Args:
+            x: (B, 3, H, W) images in [-1, 1], any float dtype.
+            antialias: antialias the resize (today's torchvision default; off for parity).
+
+        Returns:
+            (B, 3, S, S) tensor of x's dtype, S = `image_size`.
+        """
+        size = self.image_size
+        x = (x + 1) / 2
+        h, w = x.shape[-2:]
+        short, long = (w, h) if w <= h else (h, w)
+        if short != size:
+            new_long = int(size * long / short)
+            new_h, new_w = (new_long, size) if w <= h else (size, new_long)
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=antialias)
+            h, w = new_h, new_w
+        top = int(round((h - size) / 2.0))
+        left = int(round((w - size) / 2.0))
+        x = x[..., top : top + size, left : left + size]
+        mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def encode_image(self, x: torch.Tensor, antialias: bool = False) -> torch.Tensor:
+        """CLIP image features of generator images.
+
+        Args:
+            x: (B, 3, H, W) images in [-1, 1].
+            antialias: passed to `preprocess`.
+
+        Returns:
+            (B, embed_dim) features, not normalised.
+        """
+        return self.model.encode_image(self.preprocess(x, antialias=antialias))
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """BPE token ids, SOT/EOT added and zero-padded.
+
+        Args:
+            texts: one string or a list of N strings.
+
+        Returns:
+            (N, context_length) int64 tensor on the model's device.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """CLIP text features, in one batched call.
+
+        Args:
+            texts: one string or a list of N strings.
+
+        Returns:
+            (N, embed_dim) features, not normalised.
+        """
+        return self.model.encode_text(self.tokenize(texts))
+
+
+def _embed_dim(model: torch.nn.Module, image_size: int) -> int:
+    out = getattr(model.visual, "output_dim", None)
+    if isinstance(out, int):
+        return out
+    param = next(model.parameters())
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+        return int(model.encode_image(probe).shape[-1])
+
+
+# ----------------------------------------------------------------------------
+# Learned prompts
+
+
+class PromptEncoder:
+    """CLIP's text tower with learned context vectors (the E_P of IPL.md section 0).
+
+    The prompt `ctx_init + " " + label` is tokenized to `[SOT, ctx..., label..., EOT, 0...]`;
+    the `n_ctx` context token embeddings are replaced by the learned vectors `P_b`, and the
+    rest of `open_clip.CLIP.encode_text` runs unchanged (positional embedding, causal
+    transformer, final layer norm, pooling at the EOT token, text projection).
+
+    `n_ctx` counts BPE tokens of `ctx_init`. **Quirk**: the reference counts
+    space-separated words (`word_count`); the two agree for "a photo of a" but not for
+    every phrase (a rare word can split into several tokens). Counting tokens is what
+    keeps the invariant "P = ctx_embedding() reproduces encode_text" true, so mappers
+    must be built with `n_ctx`, and a reference checkpoint whose ctx_init has
+    `word_count != n_ctx` cannot be reused as is.
+
+    Args:
+        clip: a `Clip` around an `open_clip.CLIP` model (custom text towers are not supported).
+        ctx_init: the context phrase the learned vectors stand for.
+
+    Attributes:
+        n_ctx: number of BPE tokens of `ctx_init`.
+        word_count: number of space-separated words of `ctx_init` (the reference's n_ctx).
+        dim: token-embedding width d.
+    """
+
+    def __init__(self, clip: Clip, ctx_init: str = "a photo of a"):
+        import open_clip
+
+        if not isinstance(clip.model, open_clip.CLIP):
+            raise UsageError(
+                f"learned prompts need an open_clip CLIP model with a built-in text tower; "
+                f"{clip.name} is a {type(clip.model).__name__}",
+                hint="use an OpenAI-style CLIP such as ViT-B-32",
+            )
+        self.clip = clip
+        self.ctx_init = ctx_init
+        self.word_count = len(ctx_init.split())
+        ids = clip.tokenize(ctx_init)[0]
+        self.n_ctx = int(ids.argmax()) - 1  # EOT has the largest id
+        if self.n_ctx < 1:
+            raise UsageError(f"ctx_init {ctx_init!r} has no tokens", hint='use a phrase such as "a photo of a"')
+        self._ctx_ids = ids[1 : 1 + self.n_ctx]
+        self.dim = int(clip.model.token_embedding.weight.shape[1])
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"PromptEncoder({self.clip.name}, ctx_init={self.ctx_init!r}, n_ctx={self.n_ctx}, dim={self.dim})"
+
+    def ctx_embedding(self) -> torch.Tensor:
+        """Token embeddings of `ctx_init`, the natural starting point for P.
+
+        Returns:
+            (n_ctx, d) tensor, detached.
+        """
+        return self.clip.model.token_embedding(self._ctx_ids).detach()
+
+    def _label_tokens(self, label: str) -> torch.Tensor:
+        tokens = self._tokens.get(label)
+        if tokens is None:
+            tokens = self.clip.tokenize(f"{self.ctx_init} {label}")[0]
+            # BPE splits on whitespace first, so the context tokens cannot merge with the label.
+            assert torch.equal(tokens[1 : 1 + self.n_ctx], self._ctx_ids), "context tokens changed"
+            self._tokens[label] = tokens
+        return tokens
+
+    def encode(self, P: torch.Tensor, labels: str | Sequence[str]) -> torch.Tensor:
+        """Text features of `[SOT, P_b, label_b, EOT]` for every sample, in one call.
+
+        Args:
+            P: (B, n_ctx, d) learned context vectors; gradients flow back to it.
+            labels: one label for the whole batch, or a list of B labels.
+
+        Returns:
+            (B, embed_dim) features, not normalised.
+        """
+        from open_clip.transformer import text_global_pool
+
+        if P.ndim != 3 or P.shape[1] != self.n_ctx or P.shape[2] != self.dim:
+            raise UsageError(
+                f"prompt vectors must have shape (B, {self.n_ctx}, {self.dim}), got {tuple(P.shape)}"
+            )
+        batch = P.shape[0]
+        if isinstance(labels, str):
+            labels = [labels] * batch
+        elif len(labels) != batch:
+            raise UsageError(f"got {len(labels)} labels for a batch of {batch} prompts")
+        text = torch.stack([self._label_tokens(label) for label in labels])
+
+        # Mirrors open_clip.CLIP.encode_text (open_clip 3.3), with P spliced in.
+        model = self.clip.model
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(text).to(cast_dtype)
+        x = torch.cat([x[:, :1], P.to(cast_dtype), x[:, 1 + self.n_ctx :]], dim=1)
+        x = x + model.positional_embedding.to(cast_dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask)
+        x = model.ln_final(x)
+        x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if model.text_projection is not None:
+            if isinstance(model.text_projection, torch.nn.Linear):
+                x = model.text_projection(x)
+            else:
+                x = x @ model.text_projection
+        return x

@@ -1,0 +1,518 @@
+"""StyleGAN2 generator in the rosinality layout.
+
+Module and parameter names match rosinality/stylegan2-pytorch, the layout that
+StyleGAN-NADA, e4e, pSp, ReStyle and IPL all read, so a `{"g_ema": ...}` checkpoint
+from any of them loads here with `strict=True`. The file reads bottom-up:
+primitives first, then `Generator`, then checkpoint helpers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ipltool.errors import CheckpointError, UsageError
+from ipltool.kernels import FusedLeakyReLU, upfirdn2d
+from ipltool.models.layers import EqualLinear, PixelNorm
+
+BLUR_KERNEL = (1, 3, 3, 1)
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Architecture of a generator; everything needed to rebuild it.
+
+    Args:
+        size: output resolution, a power of two in 32..1024.
+        style_dim: size of z and w (512 for every released model).
+        n_mlp: layers of the mapping network (8).
+        channel_multiplier: 2 for config-f, 1 for the smaller config-e style models.
+        channel_max: cap on channels per layer (512 for released models; tiny test models use less).
+        lr_mlp: learning-rate multiplier of the mapping network (0.01).
+    """
+
+    size: int
+    style_dim: int = 512
+    n_mlp: int = 8
+    channel_multiplier: int = 2
+    channel_max: int = 512
+    lr_mlp: float = 0.01
+
+    def __post_init__(self):
+        if self.size < 32 or self.size > 1024 or self.size & (self.size - 1):
+            raise UsageError(f"generator size must be a power of two from 32 to 1024, got {self.size}")
+        if self.channel_multiplier not in (1, 2):
+            raise UsageError(f"channel multiplier must be 1 or 2, got {self.channel_multiplier}")
+        if self.n_mlp < 1 or self.style_dim < 1 or self.channel_max < 1:
+            raise UsageError("n_mlp, style_dim and channel_max must be positive")
+
+    @property
+    def log_size(self) -> int:
+        return int(math.log2(self.size))
+
+    @property
+    def n_latent(self) -> int:
+        """Number of W+ style inputs: `2*log2(size) - 2` (18 at 1024)."""
+        return 2 * self.log_size - 2
+
+    @property
+    def num_layers(self) -> int:
+        """Number of noise inputs: one per StyledConv."""
+        return 2 * (self.log_size - 2) + 1
+
+    def channels(self) -> dict[int, int]:
+        """Channels per resolution, as in rosinality's table, capped at `channel_max`."""
+        cm = self.channel_multiplier
+        table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm, 1024: 16 * cm}
+        return {res: min(ch, self.channel_max) for res, ch in table.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+#: Fixed-seed, few-channel generator used by tests and `--smoke` runs.
+TINY_CONFIG = GeneratorConfig(size=32, style_dim=64, n_mlp=2, channel_multiplier=1, channel_max=32)
+
+
+# ----------------------------------------------------------------------------
+# Primitives
+
+
+def make_kernel(k: Sequence[float]) -> torch.Tensor:
+    """Outer product of a 1-D FIR kernel with itself, normalised to sum 1."""
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+class Upsample(nn.Module):
+    """2x upsampling with a FIR filter (used on the RGB skip path)."""
+
+    def __init__(self, kernel: Sequence[float] = BLUR_KERNEL, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * factor**2)
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, up=self.factor, down=1, pad=self.pad)
+
+
+class Blur(nn.Module):
+    """FIR low-pass filter applied after a transposed convolution."""
+
+    def __init__(self, kernel: Sequence[float], pad: tuple[int, int], upsample_factor: int = 1):
+        super().__init__()
+        k = make_kernel(kernel)
+        if upsample_factor > 1:
+            k = k * upsample_factor**2
+        self.register_buffer("kernel", k)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    """Convolution whose weights are scaled per sample by a style (and demodulated).
+
+    Args:
+        in_channel, out_channel, kernel_size: as for a convolution.
+        style_dim: size of the style vector driving the modulation.
+        demodulate: normalise each output filter to unit norm (off for ToRGB).
+        upsample: 2x transposed convolution followed by a blur.
+        blur_kernel: FIR kernel of the blur.
+    """
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        demodulate: bool = True,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
+        super().__init__()
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.kernel_size = kernel_size
+        self.upsample = upsample
+        self.demodulate = demodulate
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size**2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        batch, in_channel, height, width = x.shape
+        k = self.kernel_size
+        style = self.modulation(style).view(batch, 1, in_channel, 1, 1)
+        weight = self.scale * self.weight * style
+        if self.demodulate:
+            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8)
+            weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
+
+        # One grouped convolution runs every sample with its own weights.
+        x = x.reshape(1, batch * in_channel, height, width)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
+            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+            out = self.blur(out.view(batch, self.out_channel, out.shape[2], out.shape[3]))
+        else:
+            weight = weight.reshape(batch * self.out_channel, in_channel, k, k)
+            out = F.conv2d(x, weight, padding=self.padding, groups=batch)
+            out = out.view(batch, self.out_channel, out.shape[2], out.shape[3])
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.in_channel}, {self.out_channel}, {self.kernel_size}, "
+            f"upsample={self.upsample}, demodulate={self.demodulate})"
+        )
+
+
+class NoiseInjection(nn.Module):
+    """Adds per-pixel noise scaled by a learned scalar (`weight`, starts at 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if noise is None:
+            batch, _, height, width = image.shape
+            noise = image.new_empty(batch, 1, height, width).normal_()
+        return image + self.weight * noise
+
+
+class ConstantInput(nn.Module):
+    """The learned 4x4 constant the synthesis network starts from (key `input.input`)."""
+
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.input.repeat(latent.shape[0], 1, 1, 1)
+
+
+class StyledConv(nn.Module):
+    """ModulatedConv2d, then noise, then bias + leaky ReLU."""
+
+    def __init__(
+        self,
+        in_channel: int,
+        out_channel: int,
+        kernel_size: int,
+        style_dim: int,
+        upsample: bool = False,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise=noise))
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated convolution to RGB, added to the upsampled RGB of the previous level."""
+
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True, blur_kernel: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+# ----------------------------------------------------------------------------
+# Generator
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator: mapping network `style` plus the synthesis layers.
+
+    Args:
+        size: output resolution (power of two, 32..1024).
+        style_dim: size of z and w (512).
+        n_mlp: layers of the mapping network (8).
+        channel_multiplier: 2 (config-f) or 1.
+        channel_max: channel cap (512 reproduces the released models).
+        lr_mlp: learning-rate multiplier of the mapping network.
+
+    Style input `i` of the W+ code drives: 0 -> `conv1`, 1 -> `to_rgb1`, then for each
+    resolution level the two `convs` and the `to_rgbs` entry in turn (shared indices:
+    `to_rgbs[j]` uses index `2j + 3`, the same as the level's second conv's next input).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        style_dim: int = 512,
+        n_mlp: int = 8,
+        channel_multiplier: int = 2,
+        channel_max: int = 512,
+        lr_mlp: float = 0.01,
+        blur_kernel: Sequence[float] = BLUR_KERNEL,
+    ):
+        super().__init__()
+        self.config = GeneratorConfig(size, style_dim, n_mlp, channel_multiplier, channel_max, lr_mlp)
+        self.size = size
+        self.style_dim = style_dim
+        self.log_size = self.config.log_size
+        self.num_layers = self.config.num_layers
+        self.n_latent = self.config.n_latent
+        self.channels = self.config.channels()
+
+        self.style = nn.Sequential(
+            PixelNorm(),
+            *[EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation="fused_lrelu") for _ in range(n_mlp)],
+        )
+
+        self.input = ConstantInput(self.channels[4])
+        self.conv1 = StyledConv(self.channels[4], self.channels[4], 3, style_dim, blur_kernel=blur_kernel)
+        self.to_rgb1 = ToRGB(self.channels[4], style_dim, upsample=False)
+
+        self.convs = nn.ModuleList()
+        self.upsamples = nn.ModuleList()  # empty; kept because the reference layout has it
+        self.to_rgbs = nn.ModuleList()
+        self.noises = nn.Module()
+        for layer_idx in range(self.num_layers):
+            res = 2 ** ((layer_idx + 5) // 2)
+            self.noises.register_buffer(f"noise_{layer_idx}", torch.randn(1, 1, res, res))
+
+        in_channel = self.channels[4]
+        for i in range(3, self.log_size + 1):
+            out_channel = self.channels[2**i]
+            self.convs.append(StyledConv(in_channel, out_channel, 3, style_dim, upsample=True, blur_kernel=blur_kernel))
+            self.convs.append(StyledConv(out_channel, out_channel, 3, style_dim, blur_kernel=blur_kernel))
+            self.to_rgbs.append(ToRGB(out_channel, style_dim))
+            in_channel = out_channel
+
+    @classmethod
+    def from_config(cls, config: GeneratorConfig) -> "Generator":
+        """Build a generator (random weights) from a `GeneratorConfig`."""
+        return cls(
+            config.size,
+            style_dim=config.style_dim,
+            n_mlp=config.n_mlp,
+            channel_multiplier=config.channel_multiplier,
+            channel_max=config.channel_max,
+            lr_mlp=config.lr_mlp,
+        )
+
+    # -- latents ---------------------------------------------------------------
+
+    def mapping(self, z: torch.Tensor) -> torch.Tensor:
+        """Map z (B, style_dim) to w (B, style_dim) through PixelNorm and the MLP."""
+        return self.style(z)
+
+    get_latent = mapping  # the reference name
+
+    @torch.no_grad()
+    def mean_latent(self, n: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean of `n` mapped samples, shape (1, style_dim): the truncation centre."""
+        device = self.input.input.device
+        z = torch.randn(n, self.style_dim, device=device, generator=generator)
+        return self.style(z).mean(0, keepdim=True)
+
+    def noise_list(self, randomize: bool = True) -> list[torch.Tensor | None]:
+        """Per-layer noise: None everywhere (fresh noise each call) or the stored constant buffers."""
+        if randomize:
+            return [None] * self.num_layers
+        return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def to_w_plus(self, styles: Sequence[torch.Tensor], inject_index: int | None = None) -> torch.Tensor:
+        """Broadcast one w (B, D) or mix two of them into a W+ code (B, n_latent, D).
+
+        A (B, n_latent, D) input is returned unchanged.
+        """
+        if len(styles) < 2:
+            w = styles[0]
+            if w.ndim == 3:
+                if w.shape[1] != self.n_latent:
+                    raise UsageError(f"W+ code has {w.shape[1]} style vectors, the generator needs {self.n_latent}")
+                return w
+            return w.unsqueeze(1).repeat(1, self.n_latent, 1)
+        if inject_index is None:
+            inject_index = random.randint(1, self.n_latent - 1)
+        first = styles[0].unsqueeze(1).repeat(1, inject_index, 1)
+        second = styles[1].unsqueeze(1).repeat(1, self.n_latent - inject_index, 1)
+        return torch.cat([first, second], 1)
+
+    # -- synthesis ---------------------------------------------------------------
+
+    def synthesis(self, latent: torch.Tensor, noise: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Render a W+ code (B, n_latent, style_dim) into images (B, 3, size, size), nominally in [-1, 1]."""
+        if noise is None:
+            noise = self.noise_list(randomize=True)
+        out = self.input(latent)
+        out = self.conv1(out, latent[:, 0], noise=noise[0])
+        skip = self.to_rgb1(out, latent[:, 1])
+        i = 1
+        for conv_up, conv, noise1, noise2, to_rgb in zip(self.convs[::2], self.convs[1::2], noise[1::2], noise[2::2], self.to_rgbs):
+            out = conv_up(out, latent[:, i], noise=noise1)
+            out = conv(out, latent[:, i + 1], noise=noise2)
+            skip = to_rgb(out, latent[:, i + 2], skip)
+            i += 2
+        return skip
+
+    def forward(
+        self,
+        styles: torch.Tensor | Sequence[torch.Tensor],
+        return_latents: bool = False,
+        inject_index: int | None = None,
+        truncation: float = 1.0,
+        truncation_latent: torch.Tensor | None = None,
+        input_is_latent: bool = False,
+        noise: Sequence[torch.Tensor | None] | None = None,
+        randomize_noise: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Generate images; the signature of the reference generator.
+
+        Args:
+            styles: z (B, D), or a list of one or two z's (two = style mixing); with
+                `input_is_latent`, w (B, D) or W+ (B, n_latent, D) instead.
+            return_latents: also return the W+ code used.
+            inject_index: crossover index for style mixing (random if None).
+            truncation: psi; < 1 pulls every w towards `truncation_latent`.
+            truncation_latent: (1, D) mean latent, required when truncation < 1.
+            input_is_latent: `styles` are w / W+ codes rather than z.
+            noise: explicit per-layer noise list (overrides `randomize_noise`).
+            randomize_noise: fresh noise each call (True) or the constant `noises` buffers.
+
+        Returns:
+            (images (B, 3, size, size), W+ code or None).
+        """
+        if isinstance(styles, torch.Tensor):
+            styles = [styles]
+        if not input_is_latent:
+            styles = [self.style(s) for s in styles]
+        if noise is None:
+            noise = self.noise_list(randomize=randomize_noise)
+        if truncation < 1:
+            if truncation_latent is None:
+                raise UsageError("truncation < 1 needs a truncation_latent (see Generator.mean_latent)")
+            styles = [truncation_latent + truncation * (s - truncation_latent) for s in styles]
+        latent = self.to_w_plus(styles, inject_index)
+        image = self.synthesis(latent, noise)
+        return image, (latent if return_latents else None)
+
+    def layer_for_style_index(self, index: int) -> nn.Module:
+        """Layer trained when W+ index `index` is chosen (IPL's mapping, a kept quirk).
+
+        0 -> `conv1`, 1 -> `to_rgb1`, i >= 2 -> `convs[i - 2]`.
+        """
+        if not 0 <= index < self.n_latent:
+            raise IndexError(f"style index {index} out of range 0..{self.n_latent - 1}")
+        if index == 0:
+            return self.conv1
+        if index == 1:
+            return self.to_rgb1
+        return self.convs[index - 2]
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor]) -> GeneratorConfig:
+    """Infer the architecture of a rosinality-layout generator state dict.
+
+    The size comes from the number of `to_rgbs`, `style_dim` and `n_mlp` from the
+    mapping network, the channel multiplier from the channels at 64 px (2 when the
+    generator is smaller than 64 px and it cannot be seen), the cap from the widest layer.
+    """
+    try:
+        style_keys = [k for k in state if k.startswith("style.") and k.endswith(".weight")]
+        n_mlp = len(style_keys)
+        style_dim = state["style.1.weight"].shape[1]
+        n_levels = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
+        size = 2 ** (n_levels + 2)
+        widths = {4: state["conv1.conv.weight"].shape[1]}
+        for level in range(n_levels):
+            widths[2 ** (level + 3)] = state[f"convs.{2 * level}.conv.weight"].shape[1]
+    except KeyError as err:
+        raise CheckpointError(f"not a StyleGAN2 generator state dict in the rosinality layout (no key {err})") from None
+    channel_max = max(widths.values())
+    multiplier = 2
+    if 64 in widths and widths[64] < 512:
+        multiplier = max(1, widths[64] // 256)
+    elif 128 in widths:
+        multiplier = max(1, min(2, widths[128] // 128))
+    return GeneratorConfig(size, style_dim, n_mlp, multiplier, channel_max)
+
+
+def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig | None = None, map_location="cpu") -> Generator:
+    """Load a generator checkpoint (`{"g_ema": state_dict, ...}`) with strict key matching.
+
+    Args:
+        path: a `.pt` file written by torch.save (read with `weights_only=True`).
+        key: which entry holds the generator (`g_ema` in every released file).
+        config: the expected architecture; inferred from the weights when None.
+        map_location: passed to `torch.load`.
+
+    Returns:
+        The generator, in eval mode, on `map_location`.
+
+    Raises:
+        CheckpointError: unreadable file, missing key, or weights that do not fit.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        found = ", ".join(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} has no {key!r} entry (found: {found})")
+    state = ckpt[key]
+    if config is None:
+        config = GeneratorConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else config_from_state_dict(state)
+    generator = Generator.from_config(config)
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        # torch lists every mismatching key; the first two lines say enough.
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise CheckpointError(f"{path}[{key!r}] does not fit a {config.size}px generator: {detail[:300]}") from None
+    return generator.eval()
+
+
+def generator_checkpoint(generator: Generator, **extra) -> dict:
+    """The dict to `torch.save`: `{"g_ema": state_dict, "config": ..., **extra}`.
+
+    The reference code reads only `g_ema`; the `config` entry lets ipltool rebuild the
+    architecture without guessing.
+    """
+    return {"g_ema": generator.state_dict(), "config": generator.config.to_dict(), **extra}

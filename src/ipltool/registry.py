@@ -1,0 +1,159 @@
+"""Plugin discovery through Python entry points.
+
+Groups (the built-ins register through the same groups as third parties):
+- `ipltool.mappers`:  factory `(n_ctx, dim, latent_dim, **options) -> nn.Module`
+  mapping (B, latent_dim) to (B, n_ctx, dim);
+- `ipltool.encoders`: an object that loads a checkpoint and maps aligned images
+  (B, 3, H, W) in [-1, 1] to W+ codes (B, n_latent, 512);
+- `ipltool.domains`:  a directory of domain files (a package, a path, or a
+  callable returning a path).
+
+`$IPL_PLUGINS` limits which third-party distributions load: unset loads all, an
+empty string loads none, otherwise a comma-separated list of distribution names.
+ipltool's own entry points always load.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+from ipltool.errors import PluginError, UnknownNameError
+
+GROUPS = {
+    "mappers": "ipltool.mappers",
+    "encoders": "ipltool.encoders",
+    "domains": "ipltool.domains",
+}
+ENV_VAR = "IPL_PLUGINS"
+OWN_DIST = "ipltool"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One entry point: `kind` (mappers/encoders/domains), `name`, target `value`, and its distribution."""
+
+    kind: str
+    name: str
+    value: str
+    dist: str
+    version: str
+
+    @property
+    def builtin(self) -> bool:
+        return _canonical(self.dist) == OWN_DIST
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _allowed_dists() -> set[str] | None:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    return {_canonical(part) for part in raw.split(",") if part.strip()}
+
+
+def plugins(kind: str | None = None) -> list[Plugin]:
+    """Installed entry points of one kind (or all kinds), filtered by `$IPL_PLUGINS`.
+
+    Built-ins come first, then third parties sorted by distribution and name.
+    """
+    kinds = [kind] if kind else list(GROUPS)
+    allowed = _allowed_dists()
+    found: list[Plugin] = []
+    seen: set[tuple[str, str, str]] = set()
+    for k in kinds:
+        if k not in GROUPS:
+            raise UnknownNameError(f"unknown plugin kind {k!r}", hint=f"kinds: {', '.join(GROUPS)}")
+        for ep in metadata.entry_points(group=GROUPS[k]):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            plugin = Plugin(k, ep.name, ep.value, dist, version)
+            key = (k, ep.name, _canonical(dist))
+            # An editable install can expose the same distribution twice.
+            if key in seen:
+                continue
+            seen.add(key)
+            if not plugin.builtin and allowed is not None and _canonical(dist) not in allowed:
+                continue
+            found.append(plugin)
+    return sorted(found, key=lambda p: (GROUPS[p.kind], not p.builtin, p.dist, p.name))
+
+
+def names(kind: str) -> list[str]:
+    """Names available for `kind`, in discovery order, without duplicates."""
+    return list(dict.fromkeys(p.name for p in plugins(kind)))
+
+
+def _find(kind: str, name: str) -> Plugin:
+    matches = [p for p in plugins(kind) if p.name == name]
+    if not matches:
+        available = ", ".join(names(kind)) or "none installed"
+        raise UnknownNameError(
+            f"unknown {kind[:-1]} {name!r} (installed: {available})",
+            hint="`ipl plugins` lists installed plugins; install a plugin package to add more",
+        )
+    return matches[0]  # built-ins first: a third party cannot replace a built-in silently
+
+
+def load(kind: str, name: str) -> Any:
+    """Import and return the object behind plugin `name` of `kind`.
+
+    Raises:
+        UnknownNameError: no such plugin; the message lists the installed ones.
+        PluginError: the plugin is installed but fails to import.
+    """
+    plugin = _find(kind, name)
+    ep = metadata.EntryPoint(name=plugin.name, value=plugin.value, group=GROUPS[kind])
+    try:
+        return ep.load()
+    except Exception as err:
+        raise PluginError(
+            f"{kind[:-1]} plugin {name!r} from {plugin.dist} failed to load: {type(err).__name__}: {err}",
+            hint=f"reinstall {plugin.dist}, or set {ENV_VAR} to leave it out",
+        ) from err
+
+
+def build_mapper(kind: str, n_ctx: int, dim: int, latent_dim: int, **options):
+    """Build the mapper registered as `kind` with the factory contract of `ipltool.mappers`."""
+    factory = load("mappers", kind)
+    if not callable(factory):
+        raise PluginError(f"mapper plugin {kind!r} is not callable")
+    return factory(n_ctx, dim, latent_dim, **options)
+
+
+def _as_directory(obj: Any) -> Path:
+    if callable(obj) and not isinstance(obj, types.ModuleType):
+        obj = obj()
+    if isinstance(obj, types.ModuleType):
+        return Path(str(resources.files(obj.__name__)))
+    if isinstance(obj, (str, os.PathLike)):
+        return Path(obj)
+    if hasattr(obj, "joinpath"):  # importlib.resources Traversable
+        return Path(str(obj))
+    raise TypeError(f"expected a package, a path or a callable returning one, got {type(obj).__name__}")
+
+
+def domain_pack_dirs() -> list[tuple[str, Path]]:
+    """Directories of domain files contributed by plugins, as `(provider, directory)` pairs.
+
+    Raises:
+        PluginError: a domain pack fails to import or does not name a directory.
+    """
+    result = []
+    for plugin in plugins("domains"):
+        target = load("domains", plugin.name)
+        try:
+            directory = _as_directory(target)
+        except TypeError as err:
+            raise PluginError(f"domain pack {plugin.name!r} from {plugin.dist}: {err}") from None
+        if not directory.is_dir():
+            raise PluginError(f"domain pack {plugin.name!r} from {plugin.dist} names {directory}, which is not a directory")
+        result.append((f"{plugin.dist} ({plugin.name})", directory))
+    return result

@@ -1,0 +1,29 @@
+"""Test harness: user dirs and the cache point at tmp, third-party plugins stay off."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    """Each test gets its own user domain dir and cache, and loads no third-party plugin."""
+    monkeypatch.setenv("IPL_DOMAINS_DIR", str(tmp_path / "user-domains"))
+    monkeypatch.setenv("IPL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("IPL_PLUGINS", "")
+    monkeypatch.delenv("IPL_KERNELS", raising=False)
+    monkeypatch.delenv("IPL_DEBUG", raising=False)
+    yield
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `ipl ARGS...` in-process; returns (exit_code, stdout, stderr)."""
+    from ipltool.cli import main
+
+    def run(*args: str):
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
