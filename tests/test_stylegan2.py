@@ -173,7 +173,7 @@ def test_checkpoint_round_trip_strict(tmp_path):
     bare = tmp_path / "bare.pt"
     torch.save({"g_ema": g.state_dict()}, bare)
     inferred = load_generator(bare)
-    assert (inferred.size, inferred.style_dim, inferred.channels) == (32, TINY_CONFIG.style_dim, g.channels)
+    assert (inferred.size, inferred.style_dim, inferred.n_latent) == (32, TINY_CONFIG.style_dim, g.n_latent)
     torch.testing.assert_close(inferred([z], randomize_noise=False)[0], g([z], randomize_noise=False)[0])
 
 
