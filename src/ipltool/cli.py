@@ -13,7 +13,6 @@ import sys
 import traceback
 from typing import Optional
 
-import click
 import typer
 
 from ipltool import __version__, console
@@ -67,6 +66,24 @@ def _report(error: IplError) -> None:
         console.err.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
 
 
+def _click_exit_code(error: Exception) -> int | None:
+    """Exit code for the parser's own exceptions (help, usage errors, abort), else None.
+
+    Recent typer releases vendor click under another module name, so these are
+    recognised by shape rather than by class.
+    """
+    name = type(error).__name__
+    if name == "Exit" and hasattr(error, "exit_code"):
+        return error.exit_code
+    if name == "Abort":
+        console.err.print("aborted")
+        return 130
+    if hasattr(error, "show") and hasattr(error, "exit_code"):  # UsageError and friends
+        error.show(file=sys.stderr)
+        return error.exit_code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: `sys.argv[1:]`) and return the exit code."""
     console.reset()
@@ -76,14 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         console.options.debug = True
     try:
         app(args=args, prog_name="ipl", standalone_mode=False)
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.ClickException as bad:  # usage errors: unknown option, missing argument...
-        bad.show(file=sys.stderr)
-        return bad.exit_code
-    except click.exceptions.Abort:
-        console.err.print("aborted")
-        return 130
     except KeyboardInterrupt:
         console.err.print("interrupted")
         return 130
@@ -92,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _report(error)
         return error.exit_code
-    except Exception as error:  # a bug: say so in one line unless debugging
-        if console.options.debug:
+    except Exception as error:
+        code = _click_exit_code(error)
+        if code is not None:
+            return code
+        if console.options.debug:  # a bug: say so in one line unless debugging
             traceback.print_exc()
         _report(IplError(f"unexpected {type(error).__name__}: {error}", hint="rerun with --debug for the traceback, and please report it"))
         return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -127,7 +128,10 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
             if _is_openai_file(path):
                 # open_clip's create_model(pretrained=FILE) rejects OpenAI files; the
                 # architecture is read from the file itself.
-                return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+                with warnings.catch_warnings():
+                    # open_clip tries torch.jit.load first, which newer torch flags as deprecated.
+                    warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
+                    return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
             _check_known_model(name)
             return open_clip.create_model(name, pretrained=str(path), device="cpu")
         except IplError:
@@ -164,7 +168,8 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
             "openai" (downloads through open_clip); or a local file, either OpenAI's
             format (TorchScript archive, or a state dict with the int entries
             `input_resolution`/`context_length`/`vocab_size`, whose architecture is read
-            from the file) or an open_clip checkpoint for `model`.
+            from the file; open_clip rounds its matrices through fp16 on the way, which
+            loses nothing for OpenAI's own fp16 weights) or an open_clip checkpoint for `model`.
         device: where the model lives.
         seed: seed of the random init (ignored when weights are loaded). The global RNG
             is left as it was.

@@ -1,0 +1,254 @@
+"""CLIP wrapper, preprocessing and the learned-prompt encoder, on the tiny random CLIP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError
+from ipltool.models.clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TINY_MODEL,
+    Clip,
+    PromptEncoder,
+    load_clip,
+    normalize_model_name,
+)
+
+MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def clip() -> Clip:
+    return load_clip("tiny")
+
+
+# ----------------------------------------------------------------------------
+# Loading
+
+
+def test_normalize_model_name():
+    assert normalize_model_name("ViT-B/32") == "ViT-B-32"
+    assert normalize_model_name("ViT-B-16") == "ViT-B-16"
+    assert normalize_model_name("tiny") == TINY_MODEL
+    assert normalize_model_name("ipl-tiny") == TINY_MODEL
+
+
+def test_tiny_attributes(clip):
+    assert clip.name == TINY_MODEL
+    assert (clip.image_size, clip.embed_dim, clip.text_width) == (32, 32, 64)
+    assert clip.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
+    assert not clip.model.training
+
+
+def test_clip_is_frozen(clip):
+    assert all(not p.requires_grad for p in clip.model.parameters())
+    assert all(p.dtype == torch.float32 for p in clip.model.parameters())
+
+
+def test_load_tiny_is_deterministic_and_keeps_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = load_clip("tiny"), load_clip("ipl-tiny")
+    assert torch.equal(torch.rand(3), expected_next)
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    other = load_clip("tiny", seed=1)
+    assert not torch.equal(a.model.token_embedding.weight, other.model.token_embedding.weight)
+
+
+def test_openai_format_file_loads(tmp_path):
+    # OpenAI ships fp16 weights and open_clip's loader rounds through fp16, so do the same.
+    source = load_clip("tiny")
+    state = {k: v.half() if v.is_floating_point() else v for k, v in source.model.state_dict().items()}
+    source.model.load_state_dict({k: v.float() for k, v in state.items()})
+    clip = source
+    state.update(input_resolution=clip.image_size, context_length=77, vocab_size=49408)
+    path = tmp_path / "tiny-openai.pt"
+    torch.save(state, path)
+
+    loaded = load_clip("tiny", pretrained=str(path))
+    texts = ["a photo of a dog", "anime painting"]
+    torch.testing.assert_close(loaded.encode_text(texts), clip.encode_text(texts), rtol=0, atol=1e-6)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded.encode_image(x), clip.encode_image(x), rtol=0, atol=1e-6)
+    assert all(not p.requires_grad for p in loaded.model.parameters())
+    assert loaded.logit_scale == pytest.approx(clip.logit_scale)
+
+
+def test_openai_format_detection(clip, tmp_path):
+    from ipltool.models.clip import _is_openai_file
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
+    plain = tmp_path / "plain.pt"
+    torch.save({"context_length": 77, "weight": torch.zeros(2)}, plain)
+    tensors = tmp_path / "ints-as-tensors.pt"
+    torch.save({k: torch.tensor(77) for k in ("input_resolution", "context_length", "vocab_size")}, tensors)
+    assert _is_openai_file(scripted)
+    assert not _is_openai_file(plain)
+    assert _is_openai_file(tensors)
+
+
+def test_open_clip_format_file_loads(clip, tmp_path):
+    path = tmp_path / "tiny-open-clip.pt"
+    torch.save(clip.model.state_dict(), path)
+    loaded = load_clip("ipl-tiny", pretrained=str(path))
+    torch.testing.assert_close(loaded.encode_text(["a cat"]), clip.encode_text(["a cat"]), rtol=0, atol=0)
+
+
+def test_file_of_wrong_architecture(tmp_path):
+    path = tmp_path / "junk.pt"
+    torch.save({"token_embedding.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(CheckpointError, match="cannot load CLIP weights"):
+        load_clip("tiny", pretrained=str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UsageError, match="not found") as info:
+        load_clip("ViT-B/32", pretrained=str(tmp_path / "ViT-B-32.pt"))
+    assert "ipl fetch" in info.value.hint
+
+
+def test_unknown_names():
+    with pytest.raises(UnknownNameError, match="architecture"):
+        load_clip("ViT-Q-99")
+    with pytest.raises(UnknownNameError, match="not-a-tag") as info:
+        load_clip("ViT-B-32", pretrained="not-a-tag")
+    assert "openai" in info.value.hint
+
+
+def test_tag_download_failure_is_wrapped(monkeypatch):
+    import open_clip
+
+    calls = {}
+
+    def offline(name, pretrained=None, **kwargs):
+        calls.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore detail")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(IplError, match="no network") as info:
+        load_clip("ViT-B/32", pretrained="openai")
+    assert "\n" not in info.value.message
+    assert "ipl fetch clip-vit-b32" in info.value.hint
+    assert calls["name"] == "ViT-B-32" and calls["force_quick_gelu"] is True
+
+
+# ----------------------------------------------------------------------------
+# Preprocessing
+
+
+def test_preprocess_at_clip_size_is_plain_normalisation(clip):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    expected = ((x + 1) / 2 - MEAN) / STD
+    out = clip.preprocess(x)
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape, top, left, resized", [((64, 48), 5, 0, (42, 32)), ((48, 64), 0, 5, (32, 42))])
+def test_preprocess_resizes_shorter_side_and_crops(clip, shape, top, left, resized):
+    x = torch.rand(2, 3, *shape) * 2 - 1
+    y = F.interpolate((x + 1) / 2, size=resized, mode="bicubic", align_corners=False, antialias=False)
+    y = y[:, :, top : top + 32, left : left + 32]
+    expected = (y - MEAN) / STD
+    out = clip.preprocess(x)
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (45, 33), (33, 80), (128, 128)])
+@pytest.mark.parametrize("antialias", [False, True])
+def test_preprocess_matches_torchvision(clip, shape, antialias):
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    x = torch.rand(1, 3, *shape) * 2 - 1
+    y = tvf.resize((x + 1) / 2, 32, interpolation=InterpolationMode.BICUBIC, antialias=antialias)
+    y = tvf.normalize(tvf.center_crop(y, 32), CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(clip.preprocess(x, antialias=antialias), y, rtol=0, atol=1e-6)
+
+
+def test_preprocess_and_encode_image_are_differentiable(clip):
+    x = (torch.rand(2, 3, 40, 56) * 2 - 1).requires_grad_()
+    features = clip.encode_image(x)
+    assert features.shape == (2, clip.embed_dim)
+    features.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_encode_text_shape(clip):
+    assert clip.tokenize(["a", "b c"]).shape == (2, 77)
+    assert clip.encode_text(["a photo of a dog", "a sketch"]).shape == (2, clip.embed_dim)
+
+
+# ----------------------------------------------------------------------------
+# Learned prompts
+
+
+@pytest.mark.parametrize("ctx_init, n_ctx", [("a photo of a", 4), ("a cartoon of", 3)])
+@pytest.mark.parametrize("label", ["dog", "anime painting"])
+def test_prompt_invariant(clip, ctx_init, n_ctx, label):
+    encoder = PromptEncoder(clip, ctx_init)
+    assert encoder.n_ctx == n_ctx == encoder.word_count
+    ctx = encoder.ctx_embedding()
+    assert ctx.shape == (n_ctx, clip.text_width)
+    P = ctx.expand(3, -1, -1)
+    expected = clip.encode_text([f"{ctx_init} {label}"]).expand(3, -1)
+    torch.testing.assert_close(encoder.encode(P, label), expected, rtol=0, atol=1e-5)
+
+
+def test_prompt_invariant_when_words_and_tokens_differ(clip):
+    encoder = PromptEncoder(clip, "a zxqvbnm of a")  # a rare word splits into several BPE tokens
+    assert encoder.word_count == 4 and encoder.n_ctx > 4
+    P = encoder.ctx_embedding()[None]
+    expected = clip.encode_text(["a zxqvbnm of a cat"])
+    torch.testing.assert_close(encoder.encode(P, ["cat"]), expected, rtol=0, atol=1e-5)
+
+
+def test_batched_encode_equals_per_sample(clip):
+    encoder = PromptEncoder(clip)
+    torch.manual_seed(0)
+    P = torch.randn(3, encoder.n_ctx, encoder.dim) * 0.02
+    labels = ["photo", "anime painting", "photo"]
+    batched = encoder.encode(P, labels)
+    single = torch.cat([encoder.encode(P[i : i + 1], labels[i]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[2])  # different P, same label
+
+
+def test_gradients_reach_prompts_only(clip):
+    encoder = PromptEncoder(clip)
+    P = (encoder.ctx_embedding()[None].repeat(2, 1, 1) + 0.01 * torch.randn(2, encoder.n_ctx, encoder.dim))
+    P.requires_grad_()
+    encoder.encode(P, "sketch").square().sum().backward()
+    assert P.grad is not None and P.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in clip.model.parameters())
+
+
+def test_prompt_encoder_errors(clip):
+    encoder = PromptEncoder(clip)
+    P = encoder.ctx_embedding()[None].repeat(2, 1, 1)
+    with pytest.raises(UsageError, match="labels"):
+        encoder.encode(P, ["a", "b", "c"])
+    with pytest.raises(UsageError, match="shape"):
+        encoder.encode(P[:, :2], "a")
+
+
+def test_custom_text_clip_is_refused(clip):
+    import open_clip
+
+    model = open_clip.CustomTextCLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    ).eval()
+    wrapped = Clip(model, TINY_MODEL)
+    assert wrapped.embed_dim == 32
+    with pytest.raises(UsageError, match="CustomTextCLIP"):
+        PromptEncoder(wrapped)
