@@ -35,6 +35,7 @@ def test_normalize_model_name():
     assert normalize_model_name("ViT-B-16") == "ViT-B-16"
     assert normalize_model_name("tiny") == TINY_MODEL
     assert normalize_model_name("ipl-tiny") == TINY_MODEL
+    assert normalize_model_name("hf-hub:org/repo") == "hf-hub:org/repo"
 
 
 def test_tiny_attributes(clip):
@@ -55,7 +56,7 @@ def test_load_tiny_is_deterministic_and_keeps_global_rng():
     torch.manual_seed(123)
     a, b = load_clip("tiny"), load_clip("ipl-tiny")
     assert torch.equal(torch.rand(3), expected_next)
-    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     other = load_clip("tiny", seed=1)
     assert not torch.equal(a.model.token_embedding.weight, other.model.token_embedding.weight)
@@ -225,7 +226,7 @@ def test_batched_encode_equals_per_sample(clip):
 
 def test_gradients_reach_prompts_only(clip):
     encoder = PromptEncoder(clip)
-    P = (encoder.ctx_embedding()[None].repeat(2, 1, 1) + 0.01 * torch.randn(2, encoder.n_ctx, encoder.dim))
+    P = encoder.ctx_embedding()[None].repeat(2, 1, 1) + 0.01 * torch.randn(2, encoder.n_ctx, encoder.dim)
     P.requires_grad_()
     encoder.encode(P, "sketch").square().sum().backward()
     assert P.grad is not None and P.grad.abs().sum() > 0

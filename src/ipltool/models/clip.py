@@ -13,8 +13,8 @@ import difflib
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -28,6 +28,7 @@ TINY_MODEL = "ipl-tiny-clip"
 _TINY_CONFIG = Path(__file__).resolve().parents[1] / "data" / f"{TINY_MODEL}.json"
 _TINY_ALIASES = ("tiny", "ipl-tiny", TINY_MODEL)
 _OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
+_SCHEMAS = ("hf-hub:", "local-dir:")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 # `ipl fetch` names of the weights IPL uses; other models get the generic hint.
 _FETCH_NAMES = {"ViT-B-32": "clip-vit-b32", "ViT-B-16": "clip-vit-b16"}
@@ -50,6 +51,8 @@ def normalize_model_name(name: str) -> str:
     name = name.strip()
     if name.lower() in _TINY_ALIASES:
         return TINY_MODEL
+    if name.startswith(_SCHEMAS):
+        return name  # "hf-hub:org/repo" keeps its slash
     return name.replace("/", "-")
 
 
@@ -61,7 +64,9 @@ def _register_tiny_config() -> None:
 
 
 def _fetch_hint(name: str) -> str:
-    fetch = _FETCH_NAMES.get(name, "clip-vit-b32")
+    fetch = _FETCH_NAMES.get(name)
+    if fetch is None:
+        return "pass a local weights file (`ipl fetch` lists the weights it can download)"
     return f"run `ipl fetch {fetch}` or pass a local weights file"
 
 
@@ -71,7 +76,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _looks_like_path(pretrained: str) -> bool:
-    return os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES) or os.path.exists(pretrained)
+    if os.sep in pretrained or "/" in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        return True
+    return os.path.exists(pretrained)
 
 
 def _is_openai_file(path: Path) -> bool:
@@ -113,6 +120,15 @@ def _check_known_model(name: str) -> None:
 def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module:
     import open_clip
 
+    if name.startswith(_SCHEMAS):
+        # open_clip reads config and weights from the hub or the folder; `pretrained` does not apply.
+        if pretrained is not None:
+            raise UsageError(f"{name} brings its own weights; do not pass pretrained={pretrained!r}")
+        try:
+            return open_clip.create_model(name, device="cpu")
+        except Exception as exc:
+            raise IplError(f"cannot load CLIP {name}: {_first_line(exc)}", hint=_fetch_hint(name)) from exc
+
     if pretrained is None:
         _check_known_model(name)
         # Seeded init that leaves the caller's RNG untouched.
@@ -139,7 +155,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
         except Exception as exc:
             raise CheckpointError(
                 f"cannot load CLIP weights {path} into {name}: {_first_line(exc)}",
-                hint="check that the file matches the --clip architecture",
+                hint=f"check that the file holds weights of the {name} architecture",
             ) from exc
 
     _check_known_model(name)
@@ -155,21 +171,24 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
     try:
         return open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=quick_gelu)
     except Exception as exc:
-        raise IplError(f"cannot get CLIP weights {name}/{pretrained}: {_first_line(exc)}", hint=_fetch_hint(name)) from exc
+        message = f"cannot get CLIP weights {name}/{pretrained}: {_first_line(exc)}"
+        raise IplError(message, hint=_fetch_hint(name)) from exc
 
 
-def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> "Clip":
+def load_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> Clip:
     """Build a frozen fp32 CLIP model.
 
     Args:
         model: architecture name (see `normalize_model_name`); "tiny" is a small random
-            model (embed_dim 32, 32x32 images) for tests.
+            model (embed_dim 32, 32x32 images) for tests; "hf-hub:..." and "local-dir:..."
+            names are passed to open_clip, which loads their own weights.
         pretrained: None for a random init seeded with `seed`; an open_clip tag such as
             "openai" (downloads through open_clip); or a local file, either OpenAI's
             format (TorchScript archive, or a state dict with the int entries
             `input_resolution`/`context_length`/`vocab_size`, whose architecture is read
             from the file; open_clip rounds its matrices through fp16 on the way, which
-            loses nothing for OpenAI's own fp16 weights) or an open_clip checkpoint for `model`.
+            loses nothing for OpenAI's own fp16 weights) or an open_clip checkpoint for `model`
+            (name the "-quickgelu" variant for weights trained with QuickGELU).
         device: where the model lives.
         seed: seed of the random init (ignored when weights are loaded). The global RNG
             is left as it was.
@@ -406,9 +425,7 @@ class PromptEncoder:
         from open_clip.transformer import text_global_pool
 
         if P.ndim != 3 or P.shape[1] != self.n_ctx or P.shape[2] != self.dim:
-            raise UsageError(
-                f"prompt vectors must have shape (B, {self.n_ctx}, {self.dim}), got {tuple(P.shape)}"
-            )
+            raise UsageError(f"prompt vectors must have shape (B, {self.n_ctx}, {self.dim}), got {tuple(P.shape)}")
         batch = P.shape[0]
         if isinstance(labels, str):
             labels = [labels] * batch
