@@ -9,6 +9,7 @@ from ipltool.errors import CheckpointError, UsageError
 from ipltool.models.stylegan2 import (
     TINY_CONFIG,
     Generator,
+    build_generator,
     GeneratorConfig,
     config_from_state_dict,
     generator_checkpoint,
@@ -209,3 +210,14 @@ def test_style_index_to_layer_mapping():
         assert g.layer_for_style_index(i) is g.convs[i - 2]
     with pytest.raises(IndexError):
         g.layer_for_style_index(g.n_latent)
+
+
+def test_tiny_generator_is_seeded_and_leaves_the_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_generator(TINY_CONFIG, seed=0), build_generator(TINY_CONFIG, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    c = build_generator(TINY_CONFIG, seed=1)
+    assert not torch.equal(a.state_dict()["input.input"], c.state_dict()["input.input"])

@@ -81,6 +81,18 @@ class GeneratorConfig:
         return asdict(self)
 
 
+def build_generator(config: GeneratorConfig, seed: int | None = None) -> "Generator":
+    """A generator with random weights; with `seed`, the same weights on every call.
+
+    The seeded init runs on a forked RNG, so the caller's random stream is untouched.
+    """
+    if seed is None:
+        return Generator.from_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Generator.from_config(config)
+
+
 #: Fixed-seed, few-channel generator used by tests and `--smoke` runs.
 TINY_CONFIG = GeneratorConfig(size=32, style_dim=64, n_mlp=2, channel_multiplier=1, channel_max=32)
 
