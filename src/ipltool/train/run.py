@@ -1,0 +1,550 @@
+"""Run directories: where a training run keeps its config, checkpoints, samples and log.
+
+Layout of `runs/<domain>-<YYYYmmdd-HHMMSS>/`:
+
+    config.toml     the resolved config (domain file + flag overrides)
+    mapper.pt       stage-1 mapper weights
+    generator.pt    stage-2 generator, `{"g_ema": state_dict}`
+    samples/        sample grids written during training
+    log.jsonl       one JSON object per line per step (losses, chosen layers, seconds)
+    state.pt        everything needed to resume: step, weights, optimizers, RNG states
+
+Every file except the log is written to a hidden temporary name in the same
+directory and renamed over the final name, so an interrupted run never leaves a
+half-written checkpoint. The log is append-only; a line cut short by a kill is
+ignored on read and dropped before the next append.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import tomli_w
+import torch
+
+from ipltool.errors import CheckpointError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.toml"
+MAPPER_NAME = "mapper.pt"
+GENERATOR_NAME = "generator.pt"
+STATE_NAME = "state.pt"
+LOG_NAME = "log.jsonl"
+SAMPLES_NAME = "samples"
+
+_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Yield a binary file that replaces `path` only when the block completes."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            # Mode 0o666 lets the umask decide, as for any ordinary new file.
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX only; a no-op where directories cannot be opened)."""
+    if os.name == "nt":  # pragma: no cover
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old or the new file, never a part.
+
+    The bytes go to `.<name>.<random>.tmp` in the same directory, are flushed and
+    fsynced, then renamed over `path` with `os.replace`. On any error the temporary
+    file is removed, `path` is left as it was, and the error is re-raised.
+
+    Args:
+        path: final file name; its directory must exist.
+        data: the full new content.
+    """
+    with _atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Text version of `atomic_write_bytes` (no newline translation).
+
+    Args:
+        path: final file name; its directory must exist.
+        text: the full new content.
+        encoding: text encoding, default UTF-8.
+    """
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj, path)` through a temporary file and a rename (see `atomic_write_bytes`).
+
+    Args:
+        obj: anything `torch.save` accepts; keep it to tensors and plain Python
+            containers so that `torch.load(weights_only=True)` can read it back.
+        path: final file name; its directory must exist.
+    """
+    with _atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+# ---------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot every random generator a training step may draw from.
+
+    Returns:
+        A dict loadable with `torch.load(weights_only=True)`:
+        `"torch"`: CPU generator state, uint8 tensor;
+        `"cuda"`: list of uint8 tensors, one per device (only when CUDA is available);
+        `"python"`: `[version, [625 ints], gauss or None]` from `random.getstate()`;
+        `"numpy"`: `{"name", "key" (int64 tensor of 624), "pos", "has_gauss",
+        "cached_gaussian"}` from `numpy.random.get_state()` (only when numpy is installed).
+    """
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    if np is not None:
+        name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = {
+            "name": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back the generators saved by `capture_rng_state`.
+
+    Entries that do not apply here are skipped with a warning: CUDA states on a
+    machine without CUDA (extra devices likewise), numpy's state without numpy.
+
+    Args:
+        state: the dict from `capture_rng_state`, possibly after a save/load round trip
+            (tensors may be on any device).
+    """
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    cuda_states = state.get("cuda")
+    if cuda_states:
+        n_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for index, s in enumerate(cuda_states[:n_here]):
+            torch.cuda.set_rng_state(s.cpu(), index)
+        if len(cuda_states) > n_here:
+            logger.warning("RNG state of %d CUDA device(s) not restored: only %d here", len(cuda_states), n_here)
+    saved_np = state.get("numpy")
+    if saved_np is not None:
+        if np is None:  # pragma: no cover
+            logger.warning("numpy RNG state not restored: numpy is not installed")
+        else:
+            np.random.set_state(
+                (
+                    saved_np["name"],
+                    saved_np["key"].cpu().numpy().astype(np.uint32),
+                    int(saved_np["pos"]),
+                    int(saved_np["has_gauss"]),
+                    float(saved_np["cached_gaussian"]),
+                )
+            )
+
+
+# ---------------------------------------------------------------------------
+# Helpers for config and log
+
+
+def _toml_ready(value: Any) -> Any:
+    """Drop None (TOML has no null) from tables and arrays, recursively; paths become strings."""
+    if isinstance(value, dict):
+        return {str(k): _toml_ready(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_toml_ready(v) for v in value if v is not None]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def _json_default(obj: Any) -> Any:
+    """Turn tensors, numpy scalars/arrays and paths into JSON values."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu()
+        return obj.item() if obj.dim() == 0 else obj.tolist()
+    if np is not None and isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"log record value of type {type(obj).__name__} is not JSON serializable")
+
+
+def _dump_record(record: dict) -> str:
+    if not isinstance(record, dict):
+        raise TypeError(f"a log record must be a dict, not {type(record).__name__}")
+    return json.dumps(record, default=_json_default)
+
+
+def _parse_record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------
+# The run directory
+
+
+class RunDir:
+    """One training run's directory (see the module docstring for the layout).
+
+    Build one with `RunDir.create` (new run) or `RunDir.open` (resume, report).
+
+    Args:
+        path: the run directory; not checked here.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._path = Path(path)
+        self._log_tail_checked = False
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self._path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self._path)
+
+    # -- construction ------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike,
+        domain_name: str,
+        config: dict,
+        now: datetime | None = None,
+    ) -> RunDir:
+        """Make a fresh run directory `root/<domain>-<YYYYmmdd-HHMMSS>` and write its config.
+
+        An existing directory is never reused: when the name is taken, `-2`, `-3`, ...
+        is appended until `mkdir` succeeds (safe against two runs starting together).
+
+        Args:
+            root: parent folder (`runs/`); created if missing.
+            domain_name: the domain's name, as in domain files (`[A-Za-z0-9][A-Za-z0-9_.-]*`).
+            config: the resolved config as a plain dict; None values are dropped
+                (recursively, in arrays too) since TOML has no null.
+            now: timestamp for the name; default the local time now.
+
+        Returns:
+            The new `RunDir`, with `samples/` and `config.toml` in place.
+
+        Raises:
+            UsageError: `domain_name` is not a valid domain name.
+        """
+        if not _DOMAIN_NAME.match(domain_name):
+            raise UsageError(
+                f"invalid domain name for a run directory: {domain_name!r}",
+                hint="use letters, digits, '_', '.' and '-', starting with a letter or digit",
+            )
+        # Serialize first so an unserializable config leaves no empty run dir behind.
+        config_bytes = tomli_w.dumps(_toml_ready(config)).encode("utf-8")
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        stem = f"{domain_name}-{(now or datetime.now()):%Y%m%d-%H%M%S}"
+        suffix = 1
+        while True:
+            path = root / (stem if suffix == 1 else f"{stem}-{suffix}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                suffix += 1
+        run = cls(path)
+        run.samples_dir.mkdir()
+        atomic_write_bytes(run.config_path, config_bytes)
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> RunDir:
+        """An existing run directory.
+
+        Args:
+            path: the directory (the one holding `config.toml`).
+
+        Returns:
+            The `RunDir`.
+
+        Raises:
+            UsageError: `path` is not a directory or has no `config.toml`.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise UsageError(
+                f"not a run directory: {path} (no such directory)",
+                hint="pass a folder made by a training command, such as runs/<domain>-<timestamp>",
+            )
+        if not (path / CONFIG_NAME).is_file():
+            raise UsageError(
+                f"not a run directory: {path} (no {CONFIG_NAME})",
+                hint="pass a folder made by a training command, such as runs/<domain>-<timestamp>",
+            )
+        return cls(path)
+
+    # -- paths ---------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The run directory."""
+        return self._path
+
+    @property
+    def config_path(self) -> Path:
+        """`config.toml`, the resolved config."""
+        return self._path / CONFIG_NAME
+
+    @property
+    def mapper_path(self) -> Path:
+        """`mapper.pt`, the stage-1 mapper weights."""
+        return self._path / MAPPER_NAME
+
+    @property
+    def generator_path(self) -> Path:
+        """`generator.pt`, the adapted generator `{"g_ema": state_dict}`."""
+        return self._path / GENERATOR_NAME
+
+    @property
+    def state_path(self) -> Path:
+        """`state.pt`, the resume state."""
+        return self._path / STATE_NAME
+
+    @property
+    def log_path(self) -> Path:
+        """`log.jsonl`, one JSON object per step."""
+        return self._path / LOG_NAME
+
+    @property
+    def samples_dir(self) -> Path:
+        """`samples/`, sample grids written during training."""
+        return self._path / SAMPLES_NAME
+
+    # -- config --------------------------------------------------------------
+
+    def read_config(self) -> dict:
+        """Read `config.toml`.
+
+        Returns:
+            The resolved config (keys that were None when written are absent).
+
+        Raises:
+            UsageError: the file is missing or is not valid TOML.
+        """
+        try:
+            with open(self.config_path, "rb") as f:
+                return tomllib.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"not a run directory: {self._path} (no {CONFIG_NAME})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{self.config_path}: invalid TOML: {e}") from None
+
+    # -- step log ------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        """Append one record to `log.jsonl` as a single JSON line, then flush and fsync.
+
+        Tensors and numpy values become numbers (0-d) or lists; NaN and infinities are
+        written as `NaN`/`Infinity`, which `json.loads` reads back.
+
+        Args:
+            record: one step's values, e.g. `{"step": 10, "loss": 0.31, "seconds": 0.2}`.
+
+        Raises:
+            TypeError: `record` is not a dict or holds a value JSON cannot represent.
+        """
+        line = (_dump_record(record) + "\n").encode("utf-8")
+        if not self._log_tail_checked:
+            self._repair_log_tail()
+            self._log_tail_checked = True
+        with open(self.log_path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _repair_log_tail(self) -> None:
+        """Finish or cut a last line left without newline by a killed run, so appends stay one per line."""
+        try:
+            size = self.log_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0:
+            return
+        with open(self.log_path, "rb+") as f:
+            data = f.read()
+            if data.endswith(b"\n"):
+                return
+            cut = data.rfind(b"\n") + 1
+            if _parse_record(data[cut:]) is not None:
+                f.write(b"\n")
+            else:
+                f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_log(self) -> list[dict]:
+        """Read `log.jsonl`.
+
+        A last line cut short (no newline, not valid JSON) is skipped: that is what
+        a run killed mid-write leaves. Blank lines are ignored.
+
+        Returns:
+            The records in file order; `[]` when there is no log yet.
+
+        Raises:
+            UsageError: a complete line that is not a JSON object (a damaged file).
+        """
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        records: list[dict] = []
+        for number, line in enumerate(lines[:-1], start=1):
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            if record is None:
+                raise UsageError(
+                    f"{self.log_path}:{number}: not a JSON object",
+                    hint="the log is damaged; fix or delete that line",
+                )
+            records.append(record)
+        if lines[-1].strip():
+            record = _parse_record(lines[-1])
+            if record is not None:
+                records.append(record)
+        return records
+
+    def truncate_log(self, after_step: int) -> int:
+        """Drop the records of steps after `after_step`, rewriting the log atomically.
+
+        Used on resume: steps logged after the last saved state are run again, and
+        their old records must not stay as duplicates. Records without a `"step"` key
+        are kept; a cut-short last line is dropped.
+
+        Args:
+            after_step: the step of the state being resumed from.
+
+        Returns:
+            How many records were dropped (0 when there is no log).
+        """
+        if not self.log_path.exists():
+            return 0
+        records = self.read_log()
+        kept = [r for r in records if "step" not in r or r["step"] <= after_step]
+        atomic_write_text(self.log_path, "".join(_dump_record(r) + "\n" for r in kept))
+        self._log_tail_checked = True
+        return len(records) - len(kept)
+
+    # -- resume state ----------------------------------------------------------
+
+    def save_state(self, state: dict) -> None:
+        """Write `state.pt` atomically.
+
+        Args:
+            state: tensors, plain Python numbers/strings/lists/dicts and RNG states
+                (`capture_rng_state()`), e.g. `{"step": 500, "mapper": sd, "optim": sd,
+                "rng": capture_rng_state()}`. Store the step here, never in a filename.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"a run state must be a dict, not {type(state).__name__}")
+        atomic_torch_save(state, self.state_path)
+
+    def load_state(self, map_location: str | torch.device = "cpu") -> dict | None:
+        """Read `state.pt` with `torch.load(weights_only=True)`.
+
+        Args:
+            map_location: where tensors go, default CPU.
+
+        Returns:
+            The state dict, or None when the run has not saved one yet.
+
+        Raises:
+            CheckpointError: the file exists but cannot be read as a weights-only state dict.
+        """
+        if not self.state_path.exists():
+            return None
+        try:
+            state = torch.load(self.state_path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"cannot read {self.state_path}: {first_line}",
+                hint="the file is damaged or was not written by ipltool; delete it to start over",
+            ) from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.state_path}: expected a dict, found {type(state).__name__}")
+        return state
