@@ -81,16 +81,25 @@ class GeneratorConfig:
         return asdict(self)
 
 
-def build_generator(config: GeneratorConfig, seed: int | None = None) -> "Generator":
+def build_generator(config: GeneratorConfig, seed: int | None = None, noise_strength: float = 0.0) -> "Generator":
     """A generator with random weights; with `seed`, the same weights on every call.
 
     The seeded init runs on a forked RNG, so the caller's random stream is untouched.
+    `noise_strength` sets every NoiseInjection weight: trained models have non-zero
+    ones, and with zeros two renders of one latent are identical, which leaves IPL's
+    image directions undefined (0 / 0) on the first step.
     """
     if seed is None:
-        return Generator.from_config(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Generator.from_config(config)
+        generator = Generator.from_config(config)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = Generator.from_config(config)
+    with torch.no_grad():
+        for module in generator.modules():
+            if isinstance(module, NoiseInjection):
+                module.weight.fill_(noise_strength)
+    return generator
 
 
 #: Fixed-seed, few-channel generator used by tests and `--smoke` runs.

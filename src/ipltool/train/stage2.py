@@ -1,0 +1,230 @@
+"""Stage 2 of IPL: adapt a copy of the generator along per-sample text directions (spec/IPL.md section 2).
+
+`G_t` (trainable) and `G_ema` start as copies of the frozen source `G_s`. Each step
+picks the layers to train (adaptive layer choice), turns the mapper's prompts into
+one text direction per sample, and pulls the CLIP direction between `G_s(w)` and
+`G_t(w)` towards it. `method="nada"` replaces the per-sample directions by
+StyleGAN-NADA's single template direction.
+
+Random draws follow the reference order within a step: the batch z; the layer
+choice's z and noise; the noise of `G_s`; the noise of `G_t`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ipltool.domain import Domain
+from ipltool.models.clip import Clip, PromptEncoder
+from ipltool.models.stylegan2 import Generator
+from ipltool.train import losses
+from ipltool.train.stage1 import draw_noise
+from ipltool.train.text import TextFeatures
+
+# StyleGAN2's lazy-regularization ratio (g_reg_every = 4), which the reference keeps for Adam.
+G_REG_RATIO = 4 / 5
+LAYER_CHOICE_LR = 0.01
+
+
+@dataclass
+class ClipTerm:
+    """One CLIP model of the directional loss: the model, its weight, its fixed text features."""
+
+    clip: Clip
+    weight: float
+    text: TextFeatures
+    context: torch.Tensor  # a0 = E_T(ctx_init), raw (quirk: no label, no period)
+    target_label: torch.Tensor  # E_T(target), raw: the layer choice's text
+    nada_direction: torch.Tensor | None = None  # (1, D), for method "nada"
+
+
+def clip_terms(clips: list[tuple[Clip, float]], domain: Domain) -> list[ClipTerm]:
+    """Compute every fixed text feature stage 2 needs, once, for each configured CLIP model."""
+    terms = []
+    for clip, weight in clips:
+        text = TextFeatures(clip)
+        term = ClipTerm(clip, weight, text, text.sentence(domain.ctx_init), text.sentence(domain.target))
+        if domain.adapt.method == "nada":
+            term.nada_direction = losses.nada_direction(text.templates(domain.source), text.templates(domain.target))
+        terms.append(term)
+    return terms
+
+
+# ----------------------------------------------------------------------------
+# Adaptive layer choice
+
+
+def choose_layers(
+    source: Generator,
+    trainable: Generator,
+    terms: list[ClipTerm],
+    k: int,
+    iters: int,
+    batch: int,
+) -> list[int]:
+    """Pick the `k` W+ indices whose codes move most when optimised towards the target text.
+
+    Steps: 1. z (batch), w0 = W+ of `source.mapping(z)`; 2. `iters` SGD(lr 0.01) steps on
+    w alone, minimising the weighted CLIP global loss of `trainable(w)` (random noise);
+    3. score each index by `mean |w - w0|` over batch and channels; 4. top k.
+    Only w is differentiated: no gradient is computed for the generator or CLIP.
+
+    Returns:
+        The chosen W+ indices (see `Generator.layer_for_style_index`).
+    """
+    device = source.input.input.device
+    z = torch.randn(batch, source.style_dim, device=device)
+    with torch.no_grad():
+        w0 = source.to_w_plus([source.mapping(z)])
+    w = w0.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=LAYER_CHOICE_LR)
+    for _ in range(iters):
+        images = trainable.synthesis(w, draw_noise(trainable, batch, device))
+        loss = sum(
+            t.weight * losses.global_clip_loss(t.clip.encode_image(images).float(), t.target_label, t.clip.logit_scale)
+            for t in terms
+        )
+        (w.grad,) = torch.autograd.grad(loss, [w])
+        optimizer.step()
+    scores = (w.detach() - w0).abs().mean(dim=-1).mean(dim=0)
+    return torch.topk(scores, k).indices.tolist()
+
+
+def train_only(generator: Generator, indices: list[int] | None) -> None:
+    """Freeze all of `generator`, then unfreeze the layers of the chosen W+ indices.
+
+    With `indices=None` (adaptive choice off) the reference's default phase trains the
+    constant `input`, `conv1` and every `convs` layer. The mapping network and the
+    `to_rgbs` stay frozen either way (`to_rgb1` can be chosen, a kept quirk).
+    """
+    generator.requires_grad_(False)
+    if indices is None:
+        for module in (generator.input, generator.conv1, generator.convs):
+            module.requires_grad_(True)
+        return
+    for index in indices:
+        generator.layer_for_style_index(index).requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------
+# The step
+
+
+def make_optimizer(generator: Generator, lr: float) -> torch.optim.Adam:
+    """Adam over all of G_t with the StyleGAN2 ratio: lr * 4/5, betas (0, 0.99 ** (4/5))."""
+    return torch.optim.Adam(generator.parameters(), lr=lr * G_REG_RATIO, betas=(0.0**G_REG_RATIO, 0.99**G_REG_RATIO))
+
+
+@torch.no_grad()
+def update_ema(ema: Generator, trainable: Generator, decay: float) -> None:
+    """`ema = ema * decay + trainable * (1 - decay)` for every state-dict entry (buffers too)."""
+    source = trainable.state_dict()
+    for key, value in ema.state_dict().items():
+        value.copy_(value * decay + source[key] * (1 - decay))
+
+
+@dataclass
+class Stage2State:
+    """Everything stage 2 updates: the trainable copy, its EMA, the optimizer, the step."""
+
+    trainable: Generator
+    ema: Generator
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    fixed_z: torch.Tensor | None = None
+
+
+def start_stage2(source: Generator, domain: Domain) -> Stage2State:
+    """Copy G_s into G_t and G_ema, build the optimizer, and draw the fixed sample z's.
+
+    The fixed z's are drawn first, as in the reference, so the training draws that
+    follow match it for the same seed.
+    """
+    device = source.input.input.device
+    fixed_z = torch.randn(domain.adapt.n_sample, source.style_dim, device=device)
+    trainable = copy.deepcopy(source).train()
+    ema = copy.deepcopy(source).eval().requires_grad_(False)
+    trainable.requires_grad_(True)
+    return Stage2State(trainable, ema, make_optimizer(trainable, domain.adapt.lr), 0, fixed_z)
+
+
+def text_directions(
+    term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None, batch: int
+) -> torch.Tensor:
+    """The text direction(s) one CLIP model's loss aims at.
+
+    IPL: `D_b = n(n(u_t + a0) - n(u_s + a0))` per sample, with the first model's learned
+    features u and this model's a0. NADA: the single template direction, (1, D).
+    """
+    if learned is None:
+        return term.nada_direction
+    u_s, u_t = learned
+    return losses.text_directions(losses.prompt_features(u_s, term.context), losses.prompt_features(u_t, term.context))
+
+
+def stage2_step(
+    state: Stage2State,
+    source: Generator,
+    terms: list[ClipTerm],
+    domain: Domain,
+    mapper: torch.nn.Module | None = None,
+    prompts: PromptEncoder | None = None,
+) -> dict:
+    """One adaptation step; returns the loss terms and the chosen layers for the log.
+
+    Args:
+        state: G_t, G_ema, optimizer and step counter (updated in place).
+        source: the frozen G_s.
+        terms: the CLIP models of the loss (`clip_terms`).
+        domain: labels and the [adapt] and [loss] settings.
+        mapper, prompts: the stage-1 mapper and the first model's prompt encoder
+            (both None for method "nada").
+    """
+    cfg = domain.adapt
+    device = source.input.input.device
+    batch = cfg.batch
+    z = torch.randn(batch, source.style_dim, device=device)
+    with torch.no_grad():
+        w = source.mapping(z)
+        learned = None
+        if mapper is not None:
+            mapper.eval()
+            P = mapper(w)
+            u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch).float()
+            learned = (u[:batch], u[batch:])
+
+    chosen = None
+    if cfg.auto_layer_iters > 0:
+        chosen = choose_layers(source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch)
+    train_only(state.trainable, chosen)
+
+    w_plus = source.to_w_plus([w])
+    with torch.no_grad():
+        x_s = source.synthesis(w_plus, draw_noise(source, batch, device))
+    x_t = state.trainable.synthesis(w_plus, draw_noise(state.trainable, batch, device))
+
+    loss = torch.zeros((), device=device)
+    record: dict = {}
+    for i, term in enumerate(terms):
+        f_s = term.clip.encode_image(x_s).float()
+        f_t = term.clip.encode_image(x_t).float()
+        directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned, batch))
+        model_loss = domain.loss.lambda_direction * directional
+        record[f"directional_{i}"] = directional.item()
+        if cfg.method == "nada" and domain.loss.lambda_global:
+            global_term = losses.global_clip_loss(f_t, term.target_label, term.clip.logit_scale)
+            model_loss = model_loss + domain.loss.lambda_global * global_term
+            record[f"global_{i}"] = global_term.item()
+        loss = loss + term.weight * model_loss
+
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    update_ema(state.ema, state.trainable, cfg.ema)
+    state.step += 1
+    record["loss"] = loss.item()
+    record["layers"] = sorted(chosen) if chosen is not None else None
+    return record

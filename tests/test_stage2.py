@@ -1,0 +1,157 @@
+"""Stage 2 (generator adaptation) on tiny random models."""
+
+import pytest
+import torch
+
+from ipltool import registry
+from ipltool.domain import parse_domain
+from ipltool.models.clip import PromptEncoder, load_clip
+from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
+from ipltool.train import losses
+from ipltool.train.stage2 import (
+    choose_layers,
+    clip_terms,
+    make_optimizer,
+    stage2_step,
+    start_stage2,
+    text_directions,
+    train_only,
+    update_ema,
+)
+
+DOMAIN = """
+name = "t"
+source = "photo"
+target = "disney"
+generator = "tiny"
+[adapt]
+batch = 2
+auto_layer_k = 3
+auto_layer_batch = 2
+n_sample = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def models():
+    clip = load_clip("tiny")
+    source = build_generator(TINY_CONFIG, seed=0, noise_strength=0.1).eval().requires_grad_(False)
+    prompts = PromptEncoder(clip, "a photo of a")
+    torch.manual_seed(0)
+    mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, TINY_CONFIG.style_dim)
+    return source, clip, prompts, mapper
+
+
+def _domain(extra=""):
+    return parse_domain(DOMAIN + extra, "t.toml")
+
+
+def _run(models, domain, steps=2, seed=2, method_mapper=True):
+    source, clip, prompts, mapper = models
+    torch.manual_seed(seed)
+    state = start_stage2(source, domain)
+    terms = clip_terms([(clip, 1.0)], domain)
+    records = [
+        stage2_step(state, source, terms, domain, mapper if method_mapper else None, prompts if method_mapper else None)
+        for _ in range(steps)
+    ]
+    return state, records
+
+
+def test_only_chosen_layers_change_and_mapping_input_never(models):
+    source, *_ = models
+    domain = _domain()
+    state, records = _run(models, domain, steps=1)
+    chosen = records[0]["layers"]
+    assert len(chosen) == 3 and all(0 <= i < source.n_latent for i in chosen)
+    trained_prefixes = {
+        ("conv1." if i == 0 else "to_rgb1." if i == 1 else f"convs.{i - 2}.") for i in chosen
+    }
+    before, after = source.state_dict(), state.trainable.state_dict()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        in_chosen = any(key.startswith(p) for p in trained_prefixes)
+        if key.startswith(("style.", "input.", "noises.")) or not in_chosen:
+            assert not changed, key
+    # Every chosen layer's modulated weight moved.
+    for prefix in trained_prefixes:
+        assert not torch.equal(before[prefix + "conv.weight"], after[prefix + "conv.weight"]), prefix
+
+
+def test_layer_choice_scores_match_a_hand_recomputation(models):
+    source, clip, _, _ = models
+    domain = _domain()
+    terms = clip_terms([(clip, 1.0)], domain)
+    trainable = build_generator(TINY_CONFIG, seed=0)
+    torch.manual_seed(5)
+    got = choose_layers(source, trainable, terms, k=3, iters=1, batch=2)
+
+    torch.manual_seed(5)
+    z = torch.randn(2, TINY_CONFIG.style_dim)
+    w0 = source.mapping(z).detach().unsqueeze(1).repeat(1, source.n_latent, 1)
+    w = w0.clone().requires_grad_(True)
+    images, _ = trainable([w], input_is_latent=True)  # random noise drawn by the generator itself
+    f = clip.encode_image(images)
+    t = clip.encode_text(["disney"])
+    cos = (f / f.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).t()
+    loss = (1 - clip.logit_scale * cos / 100).mean()
+    loss.backward()
+    moved = (0.01 * w.grad).abs().mean(-1).mean(0)
+    assert got == torch.topk(moved, 3).indices.tolist()
+
+
+def test_style_index_to_layer_mapping_in_train_only(models):
+    source, *_ = models
+    g = build_generator(TINY_CONFIG, seed=0)
+    train_only(g, [0, 1, 4])
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("convs") else "") for n, p in g.named_parameters() if p.requires_grad}
+    assert trainable == {"conv1", "to_rgb1", "convs.2"}
+    train_only(g, None)
+    trainable = {n.split(".")[0] for n, p in g.named_parameters() if p.requires_grad}
+    assert trainable == {"input", "conv1", "convs"}
+
+
+def test_ema_formula():
+    a = build_generator(TINY_CONFIG, seed=1)
+    b = build_generator(TINY_CONFIG, seed=2)
+    ema_before = {k: v.clone() for k, v in a.state_dict().items()}
+    update_ema(a, b, 0.99)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(value, ema_before[key] * 0.99 + b.state_dict()[key] * (1 - 0.99))
+
+
+def test_optimizer_uses_the_stylegan2_ratio():
+    g = build_generator(TINY_CONFIG, seed=0)
+    opt = make_optimizer(g, 0.002)
+    group = opt.param_groups[0]
+    assert group["lr"] == pytest.approx(0.002 * 0.8)
+    assert group["betas"] == (0.0, pytest.approx(0.99**0.8))
+
+
+def test_per_sample_directions_use_first_model_prompts(models):
+    source, clip, prompts, mapper = models
+    domain = _domain()
+    term = clip_terms([(clip, 1.0)], domain)[0]
+    w = source.mapping(torch.randn(2, TINY_CONFIG.style_dim))
+    P = mapper(w)
+    u_s, u_t = prompts.encode(P, "photo"), prompts.encode(P, "disney")
+    D = text_directions(term, (u_s, u_t), 2)
+    a0 = clip.encode_text(["a photo of a"])[0]  # quirk: bare ctx_init, no label
+    s = (u_s + a0) / (u_s + a0).norm(dim=1, keepdim=True)
+    t = (u_t + a0) / (u_t + a0).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(D, (t - s) / (t - s).norm(dim=1, keepdim=True))
+
+
+def test_seeded_runs_are_identical_and_nada_runs(models):
+    domain = _domain()
+    s1, r1 = _run(models, domain)
+    s2, r2 = _run(models, domain)
+    assert r1 == r2
+    assert all(r["loss"] == r["loss"] for r in r1)  # no NaN
+    for k, v in s1.ema.state_dict().items():
+        assert torch.equal(v, s2.ema.state_dict()[k])
+    nada = _domain().with_overrides({"adapt.method": "nada", "loss.lambda_global": 0.5})
+    s3, r3 = _run(models, nada, method_mapper=False)
+    assert "global_0" in r3[0] and r3[0]["loss"] > 0
+    term = clip_terms([(models[1], 1.0)], nada)[0]
+    assert term.nada_direction.shape == (1, models[1].embed_dim)
