@@ -70,3 +70,62 @@ def get_model(name: str) -> ModelEntry:
             f"unknown model {name!r} (known: {', '.join(_registry())})",
             hint="use a registry name or a path to a .pt file",
         ) from None
+
+
+def cache_dir() -> "Path":
+    """Where pretrained files live: `$IPL_CACHE`, else the platform user cache dir."""
+    import os
+    from pathlib import Path
+
+    import platformdirs
+
+    env = os.environ.get("IPL_CACHE")
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("ipltool"))
+
+
+def local_path(name: str) -> "Path":
+    """The cache path of registry entry `name` (whether or not the file is there yet)."""
+    entry = get_model(name)
+    if entry.synthetic or not entry.file:
+        raise UnknownNameError(f"{name!r} is synthetic and has no file")
+    return cache_dir() / entry.file
+
+
+def load_generator_by_name(spec: str, device="cpu", seed: int = 0):
+    """The source generator of a domain: `tiny`, a registry name, or a path to a `.pt` file.
+
+    Args:
+        spec: the domain's `generator` value.
+        device: where to put it.
+        seed: seed of the synthetic `tiny` generator.
+
+    Returns:
+        A frozen `Generator` in eval mode.
+
+    Raises:
+        UsageError: a registry file that is not in the cache (the message says where it
+            is expected), or a missing path.
+    """
+    from pathlib import Path
+
+    from ipltool.errors import UsageError
+    from ipltool.models.stylegan2 import build_generator, load_generator
+
+    if spec in _registry() and _registry()[spec].synthetic:
+        # Non-zero noise strengths, like a trained model (see build_generator).
+        generator = build_generator(_registry()[spec].generator_config(), seed=seed, noise_strength=0.1)
+    elif spec in _registry():
+        path = local_path(spec)
+        if not path.is_file():
+            raise UsageError(
+                f"the weights of {spec!r} are not in the cache ({path})",
+                hint=f"put {_registry()[spec].file} there (sources: {', '.join(_registry()[spec].urls)}), "
+                "or pass a checkpoint path as the generator",
+            )
+        generator = load_generator(path, config=_registry()[spec].generator_config())
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"generator checkpoint not found: {path}")
+        generator = load_generator(path)
+    return generator.to(device).eval().requires_grad_(False)
