@@ -18,6 +18,7 @@ import typer
 from ipltool import __version__, console
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
+from ipltool.commands import train_mapper as train_mapper_cmd
 from ipltool.devices import check_device_spec
 from ipltool.errors import IplError
 
@@ -58,6 +59,7 @@ def _global_options(
 
 app.add_typer(prompts_cmd.app, name="prompts")
 app.command("plugins")(plugins_cmd.plugins)
+app.command("train-mapper")(train_mapper_cmd.train_mapper)
 
 
 def _report(error: IplError) -> None:

@@ -102,6 +102,15 @@ def _find(kind: str, name: str) -> Plugin:
     return matches[0]  # built-ins first: a third party cannot replace a built-in silently
 
 
+def require(kind: str, name: str) -> Plugin:
+    """Check that plugin `name` of `kind` is installed, before any work starts.
+
+    Raises:
+        UnknownNameError: it is not; the message lists the installed ones.
+    """
+    return _find(kind, name)
+
+
 def load(kind: str, name: str) -> Any:
     """Import and return the object behind plugin `name` of `kind`.
 

@@ -10,6 +10,7 @@ CLIP's text tower with learned context vectors in place of the context tokens
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import warnings
 import zipfile
@@ -134,7 +135,12 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
         # Seeded init that leaves the caller's RNG untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return open_clip.create_model(name, pretrained=None, device="cpu")
+            # open_clip warns on the root logger that the init is random, which is the point here.
+            logging.disable(logging.WARNING)
+            try:
+                return open_clip.create_model(name, pretrained=None, device="cpu")
+            finally:
+                logging.disable(logging.NOTSET)
 
     if _looks_like_path(pretrained):
         path = Path(pretrained).expanduser()

@@ -1,0 +1,54 @@
+"""`ipl train-mapper`: stage 1 of IPL, the prompt mapper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ipltool import console, registry
+from ipltool.devices import resolve_device
+from ipltool.domain import load_domain
+from ipltool.progress import step_progress
+from ipltool.train.run import RunDir
+from ipltool.train.setup import SMOKE_OVERRIDES, build_models
+from ipltool.train.stage1_run import run_stage1
+
+SMOKE_NOTE = "--smoke: tiny random models, a plumbing check; its pictures and losses mean nothing"
+
+
+def train_mapper(
+    domain: str = typer.Option(..., "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (domain key mapper.steps)."),
+    batch: Optional[int] = typer.Option(None, help="Latents per step (mapper.batch)."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (mapper.lr)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (mapper.seed)."),
+    kind: Optional[str] = typer.Option(None, "--mapper-kind", help="Mapper plugin (mapper.kind), e.g. mlp, transformer-v2."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
+    chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train the IPL prompt mapper (stage 1) and write runs/<domain>-<time>/mapper.pt.
+
+    Example: ipl train-mapper --domain disney-custom --smoke
+    """
+    resolved = load_domain(domain).with_overrides(
+        {"mapper.steps": steps, "mapper.batch": batch, "mapper.lr": lr, "mapper.seed": seed, "mapper.kind": kind}
+    )
+    if smoke:
+        resolved = resolved.with_overrides(SMOKE_OVERRIDES)
+        console.info(f"[yellow]{SMOKE_NOTE}[/]")
+    registry.require("mappers", resolved.mapper.kind)  # fail before any run dir exists
+    device = resolve_device(console.options.device)
+    models = build_models(resolved, device, smoke=smoke)
+    config = {**resolved.resolved().to_toml_dict(), "run": {"stage": "mapper", "smoke": smoke, "device": str(device)}}
+    run = RunDir.create(out, resolved.name, config)
+    console.info(f"run directory: {run.path}")
+    with step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
+        last = run_stage1(resolved, models, run, chunk=chunk, on_step=update)
+    if console.wants_json(json_output):
+        console.print_json({"run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": last, "smoke": smoke})
+    else:
+        console.out.print(f"mapper written to {run.mapper_path}")
