@@ -135,7 +135,7 @@ def test_per_sample_directions_use_first_model_prompts(models):
     w = source.mapping(torch.randn(2, TINY_CONFIG.style_dim))
     P = mapper(w)
     u_s, u_t = prompts.encode(P, "photo"), prompts.encode(P, "disney")
-    D = text_directions(term, (u_s, u_t), 2)
+    D = text_directions(term, (u_s, u_t))
     a0 = clip.encode_text(["a photo of a"])[0]  # quirk: bare ctx_init, no label
     s = (u_s + a0) / (u_s + a0).norm(dim=1, keepdim=True)
     t = (u_t + a0) / (u_t + a0).norm(dim=1, keepdim=True)

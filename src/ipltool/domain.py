@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -127,7 +127,7 @@ class Domain(_Strict):
     @field_validator("generator")
     @classmethod
     def _known_generator(cls, value: str) -> str:
-        if _looks_like_path(value) or value.endswith((".pt", ".pth", ".pkl")):
+        if _is_generator_file(value):
             return value  # a file: checked when a command loads it
         from ipltool import hub
 
@@ -170,7 +170,7 @@ class Domain(_Strict):
         """W+ size of the domain's generator when it is a registry name (None for a file)."""
         from ipltool import hub
 
-        if _looks_like_path(self.generator) or self.generator.endswith((".pt", ".pth", ".pkl")):
+        if _is_generator_file(self.generator):
             return None
         size = hub.get_model(self.generator).arch["size"]
         return 2 * (size.bit_length() - 1) - 2
@@ -296,7 +296,6 @@ class DomainEntry:
     domain: Domain | None = None
     error: str | None = None
     shadowed_by: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def user_domain_dir() -> Path:
@@ -343,6 +342,11 @@ def discover_domains() -> list[DomainEntry]:
         else:
             winners[entry.name] = entry
     return entries
+
+
+def _is_generator_file(value: str) -> bool:
+    """A `generator` value that names a checkpoint file rather than a registry entry."""
+    return _looks_like_path(value) or value.endswith((".pt", ".pth", ".pkl"))
 
 
 def _looks_like_path(value: str) -> bool:

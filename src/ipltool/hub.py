@@ -6,11 +6,14 @@ answers "what is X": the download and verification side comes with `ipl fetch`.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
 
 from ipltool.errors import UnknownNameError
@@ -72,18 +75,13 @@ def get_model(name: str) -> ModelEntry:
         ) from None
 
 
-def cache_dir() -> "Path":
+def cache_dir() -> Path:
     """Where pretrained files live: `$IPL_CACHE`, else the platform user cache dir."""
-    import os
-    from pathlib import Path
-
-    import platformdirs
-
     env = os.environ.get("IPL_CACHE")
     return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("ipltool"))
 
 
-def local_path(name: str) -> "Path":
+def local_path(name: str) -> Path:
     """The cache path of registry entry `name` (whether or not the file is there yet)."""
     entry = get_model(name)
     if entry.synthetic or not entry.file:
@@ -106,8 +104,6 @@ def load_generator_by_name(spec: str, device="cpu", seed: int = 0):
         UsageError: a registry file that is not in the cache (the message says where it
             is expected), or a missing path.
     """
-    from pathlib import Path
-
     from ipltool.errors import UsageError
     from ipltool.models.stylegan2 import build_generator, load_generator
 

@@ -151,9 +151,7 @@ def start_stage2(source: Generator, domain: Domain) -> Stage2State:
     return Stage2State(trainable, ema, make_optimizer(trainable, domain.adapt.lr), 0, fixed_z)
 
 
-def text_directions(
-    term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None, batch: int
-) -> torch.Tensor:
+def text_directions(term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """The text direction(s) one CLIP model's loss aims at.
 
     IPL: `D_b = n(n(u_t + a0) - n(u_s + a0))` per sample, with the first model's learned
@@ -211,7 +209,7 @@ def stage2_step(
     for i, term in enumerate(terms):
         f_s = term.clip.encode_image(x_s).float()
         f_t = term.clip.encode_image(x_t).float()
-        directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned, batch))
+        directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned))
         model_loss = domain.loss.lambda_direction * directional
         record[f"directional_{i}"] = directional.item()
         if cfg.method == "nada" and domain.loss.lambda_global:
