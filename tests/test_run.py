@@ -204,6 +204,17 @@ def test_truncate_log(tmp_path):
     assert _temp_files(run.path) == []
 
 
+def test_truncate_log_of_one_stage_keeps_the_other(tmp_path):
+    run = RunDir.create(tmp_path, "d", {}, now=NOW)
+    for stage in ("mapper", "adapt"):
+        for step in (1, 2, 3):
+            run.log({"stage": stage, "step": step})
+    assert run.truncate_log(1, stage="adapt") == 2
+    assert [(r["stage"], r["step"]) for r in run.read_log()] == [("mapper", 1), ("mapper", 2), ("mapper", 3), ("adapt", 1)]
+    run.write_config({"adapt": {"steps": 9}})
+    assert run.read_config() == {"adapt": {"steps": 9}}
+
+
 # ---------------------------------------------------------------------------
 # Resume state and RNG
 

@@ -155,3 +155,68 @@ def test_seeded_runs_are_identical_and_nada_runs(models):
     assert "global_0" in r3[0] and r3[0]["loss"] > 0
     term = clip_terms([(models[1], 1.0)], nada)[0]
     assert term.nada_direction.shape == (1, models[1].embed_dim)
+
+
+def test_style_mixing_draws_two_latents_like_stylegan2(models):
+    import random
+
+    from ipltool.train.stage2 import draw_latents
+
+    torch.manual_seed(5)
+    random.seed(1)
+    two = draw_latents(3, 64, 1.0, "cpu")
+    torch.manual_seed(5)
+    expected = torch.randn(2, 3, 64)
+    assert len(two) == 2 and torch.equal(two[0], expected[0]) and torch.equal(two[1], expected[1])
+    state_before = random.getstate()
+    torch.manual_seed(5)
+    one = draw_latents(3, 64, 0.0, "cpu")
+    torch.manual_seed(5)
+    assert len(one) == 1 and torch.equal(one[0], torch.randn(3, 64))
+    assert random.getstate() == state_before  # no mixing: Python's RNG is not touched
+    record = _run(models, _domain().with_overrides({"adapt.mixing": 1.0}), steps=1)[1][0]
+    assert record["loss"] == record["loss"]
+
+
+def test_style_image_direction_matches_a_hand_computation(models):
+    from ipltool.train.stage2 import STYLE_SOURCE_SAMPLES, style_image_direction
+
+    source, clip = models[0], models[1]
+    pictures = [torch.rand(3, 40, 50) * 2 - 1, torch.rand(3, 48, 48) * 2 - 1]
+    got = style_image_direction(clip, source, pictures, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        style = [clip.encode_image(p[None], antialias=True).double() for p in pictures]
+        style = torch.cat([f / f.norm() for f in style]).mean(0)
+        z = torch.randn(STYLE_SOURCE_SAMPLES, source.style_dim, generator=torch.Generator().manual_seed(7))
+        images = source([z], input_is_latent=False, noise=source.noise_list(randomize=False))[0]
+        made = clip.encode_image(images).double()
+        made = (made / made.norm(dim=1, keepdim=True)).mean(0)
+    expected = (style - made) / (style - made).norm()
+    torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    style_image_direction(clip, source, pictures, torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), before)  # the training stream is untouched
+
+
+def test_sample_grid_never_draws_from_the_training_stream(models, tmp_path):
+    from PIL import Image
+
+    from ipltool.train.samples import SampleGrid
+
+    source = models[0]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    grid = SampleGrid(source, torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1)), 0.7, seed=2, chunk=2)
+    path = grid.write(tmp_path / "g.png", source)
+    assert torch.equal(torch.get_rng_state(), before)
+    # 5 latents -> 4 per row: source row, adapted row, source row, adapted row
+    with Image.open(path) as image:
+        assert image.size == (4 * 34 + 2, 4 * 34 + 2)
+    again = SampleGrid(source, torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1)), 0.7, seed=2)
+    torch.testing.assert_close(grid.source_images, again.source_images)  # chunking changes nothing
+    # truncation 0.7 around the mean latent
+    z = torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        w = source.mapping(z)
+    torch.testing.assert_close(grid.w_plus[:, 0], grid.mean_w + 0.7 * (w - grid.mean_w))

@@ -36,10 +36,12 @@ def test_flags_override_domain_keys(run_cli, tmp_path):
         "train-mapper", "--domain", "disney", "--smoke", "--steps", "2", "--lr", "0.01", "--seed", "9",
         "--out", str(tmp_path), "--json",
     )
-    # --smoke sets its own step count after the flags; the learning rate and seed stay.
+    # Named flags apply after --smoke's own settings, so they win.
     assert code == 0, err
-    config = RunDir.open(json.loads(out)["run_dir"]).read_config()
-    assert config["mapper"]["lr"] == 0.01 and config["mapper"]["seed"] == 9
+    run = RunDir.open(json.loads(out)["run_dir"])
+    config = run.read_config()
+    assert config["mapper"]["lr"] == 0.01 and config["mapper"]["seed"] == 9 and config["mapper"]["steps"] == 2
+    assert [r["step"] for r in run.read_log()] == [1, 2]
 
 
 def test_bad_input_is_a_one_line_error(run_cli, tmp_path):

@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 
 from ipltool import __version__, console
+from ipltool.commands import adapt as adapt_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
 from ipltool.commands import train_mapper as train_mapper_cmd
@@ -60,10 +61,11 @@ def _global_options(
 app.add_typer(prompts_cmd.app, name="prompts")
 app.command("plugins")(plugins_cmd.plugins)
 app.command("train-mapper")(train_mapper_cmd.train_mapper)
+app.command("adapt")(adapt_cmd.adapt)
 
 
 def _report(error: IplError) -> None:
-    console.err.print(f"[bold red]error:[/] {error.message}", markup=True, highlight=False)
+    console.err.print(f"[bold red]{error.label}:[/] {error.message}", markup=True, highlight=False)
     if error.hint:
         console.err.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ipltool.errors import DomainError
 
@@ -103,6 +103,15 @@ class Adapt(_Strict):
     sample_every: int = Field(100, ge=1)
     n_sample: int = Field(35, ge=1)
     truncation: float = Field(0.7, gt=0, le=1)
+    style_images: str | None = Field(
+        None, description="NADA only: folder of style images whose CLIP direction replaces the text direction"
+    )
+
+    @model_validator(mode="after")
+    def _style_images_need_nada(self) -> "Adapt":
+        if self.style_images is not None and self.method != "nada":
+            raise ValueError("style_images is a NADA option: set method = \"nada\" too")
+        return self
 
     def layer_k(self, n_latent: int) -> int:
         """`auto_layer_k`, or the reference default `int(2 * n_latent / 3)` (12 at 1024, 10 at 512)."""

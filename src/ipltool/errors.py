@@ -12,6 +12,7 @@ class IplError(Exception):
     """
 
     exit_code = 1
+    label = "error"  # how the CLI introduces the message
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
@@ -39,3 +40,10 @@ class PluginError(IplError):
 
 class CheckpointError(UsageError):
     """A checkpoint file that does not match the architecture it is loaded into."""
+
+
+class Interrupted(IplError):
+    """The user stopped a run (Ctrl-C or SIGTERM) after its state was saved: exit code 130."""
+
+    exit_code = 130
+    label = "stopped"

@@ -8,14 +8,13 @@ from typing import Optional
 import typer
 
 from ipltool import console, registry
+from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
 from ipltool.devices import resolve_device
 from ipltool.domain import load_domain
 from ipltool.progress import step_progress
 from ipltool.train.run import RunDir
-from ipltool.train.setup import SMOKE_OVERRIDES, build_models
+from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
 from ipltool.train.stage1_run import run_stage1
-
-SMOKE_NOTE = "--smoke: tiny random models, a plumbing check; its pictures and losses mean nothing"
 
 
 def train_mapper(
@@ -25,6 +24,8 @@ def train_mapper(
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (mapper.lr)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (mapper.seed)."),
     kind: Optional[str] = typer.Option(None, "--mapper-kind", help="Mapper plugin (mapper.kind), e.g. mlp, transformer-v2."),
+    clip: Optional[list[str]] = typer.Option(None, "--clip", help=CLIP_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
@@ -34,11 +35,9 @@ def train_mapper(
 
     Example: ipl train-mapper --domain disney-custom --smoke
     """
-    resolved = load_domain(domain).with_overrides(
-        {"mapper.steps": steps, "mapper.batch": batch, "mapper.lr": lr, "mapper.seed": seed, "mapper.kind": kind}
-    )
+    named = {"mapper.steps": steps, "mapper.batch": batch, "mapper.lr": lr, "mapper.seed": seed, "mapper.kind": kind}
+    resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
     if smoke:
-        resolved = resolved.with_overrides(SMOKE_OVERRIDES)
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     registry.require("mappers", resolved.mapper.kind)  # fail before any run dir exists
     device = resolve_device(console.options.device)

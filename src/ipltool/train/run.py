@@ -227,6 +227,10 @@ def _toml_ready(value: Any) -> Any:
     return value
 
 
+def _config_bytes(config: dict) -> bytes:
+    return tomli_w.dumps(_toml_ready(config)).encode("utf-8")
+
+
 def _json_default(obj: Any) -> Any:
     """Turn tensors, numpy scalars/arrays and paths into JSON values."""
     if isinstance(obj, torch.Tensor):
@@ -312,7 +316,7 @@ class RunDir:
                 hint="use letters, digits, '_', '.' and '-', starting with a letter or digit",
             )
         # Serialize first so an unserializable config leaves no empty run dir behind.
-        config_bytes = tomli_w.dumps(_toml_ready(config)).encode("utf-8")
+        config_bytes = _config_bytes(config)
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         stem = f"{domain_name}-{(now or datetime.now()):%Y%m%d-%H%M%S}"
@@ -411,6 +415,10 @@ class RunDir:
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{self.config_path}: invalid TOML: {e}") from None
 
+    def write_config(self, config: dict) -> None:
+        """Replace `config.toml` atomically (used when a resumed run is extended)."""
+        atomic_write_bytes(self.config_path, _config_bytes(config))
+
     # -- step log ------------------------------------------------------------
 
     def log(self, record: dict) -> None:
@@ -488,7 +496,7 @@ class RunDir:
                 records.append(record)
         return records
 
-    def truncate_log(self, after_step: int) -> int:
+    def truncate_log(self, after_step: int, stage: str | None = None) -> int:
         """Drop the records of steps after `after_step`, rewriting the log atomically.
 
         Used on resume: steps logged after the last saved state are run again, and
@@ -497,6 +505,7 @@ class RunDir:
 
         Args:
             after_step: the step of the state being resumed from.
+            stage: only records whose `"stage"` is this are dropped (None: any record).
 
         Returns:
             How many records were dropped (0 when there is no log).
@@ -504,7 +513,11 @@ class RunDir:
         if not self.log_path.exists():
             return 0
         records = self.read_log()
-        kept = [r for r in records if "step" not in r or r["step"] <= after_step]
+        kept = [
+            r
+            for r in records
+            if "step" not in r or r["step"] <= after_step or (stage is not None and r.get("stage") != stage)
+        ]
         atomic_write_text(self.log_path, "".join(_dump_record(r) + "\n" for r in kept))
         self._log_tail_checked = True
         return len(records) - len(kept)

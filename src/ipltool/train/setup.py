@@ -16,6 +16,8 @@ from ipltool.errors import CheckpointError
 from ipltool.models.clip import Clip, PromptEncoder, load_clip
 from ipltool.models.stylegan2 import Generator
 
+SMOKE_NOTE = "--smoke: tiny random models, a plumbing check; its pictures and losses mean nothing"
+
 #: Overrides a `--smoke` run applies on top of the domain: tiny models, few short steps.
 SMOKE_OVERRIDES = {
     "generator": "tiny",
@@ -24,6 +26,7 @@ SMOKE_OVERRIDES = {
     "adapt.steps": 3,
     "adapt.batch": 2,
     "adapt.auto_layer_batch": 2,
+    "adapt.auto_layer_k": 5,  # int(2 * 8 / 3): the tiny generator has 8 W+ entries
     "adapt.n_sample": 4,
     "adapt.sample_every": 2,
 }

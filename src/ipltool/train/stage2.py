@@ -6,18 +6,21 @@ one text direction per sample, and pulls the CLIP direction between `G_s(w)` and
 `G_t(w)` towards it. `method="nada"` replaces the per-sample directions by
 StyleGAN-NADA's single template direction.
 
-Random draws follow the reference order within a step: the batch z; the layer
-choice's z and noise; the noise of `G_s`; the noise of `G_t`.
+Random draws follow the reference order within a step: the batch z (two per sample
+when style mixing fires); the layer choice's z and noise; the noise of `G_s`; the
+noise of `G_t`.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 
 import torch
 
 from ipltool.domain import Domain
+from ipltool.errors import UsageError
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
 from ipltool.train import losses
@@ -27,6 +30,8 @@ from ipltool.train.text import TextFeatures
 # StyleGAN2's lazy-regularization ratio (g_reg_every = 4), which the reference keeps for Adam.
 G_REG_RATIO = 4 / 5
 LAYER_CHOICE_LR = 0.01
+# Generated source images behind NADA's image-guided direction (its img2img batch).
+STYLE_SOURCE_SAMPLES = 16
 
 
 @dataclass
@@ -51,6 +56,36 @@ def clip_terms(clips: list[tuple[Clip, float]], domain: Domain) -> list[ClipTerm
             term.nada_direction = losses.nada_direction(text.templates(domain.source), text.templates(domain.target))
         terms.append(term)
     return terms
+
+
+@torch.no_grad()
+def style_image_direction(
+    clip: Clip, source: Generator, style_images: list[torch.Tensor], generator: torch.Generator
+) -> torch.Tensor:
+    """NADA's image-guided target: `n(mean n(E_I(style)) - mean n(E_I(G_s(z))))`, shape (1, D).
+
+    The style pictures (each (3, H, W) in [-1, 1], any size) are resized with
+    antialiasing, as CLIP's PIL preprocessing does. The `STYLE_SOURCE_SAMPLES` source
+    images use `generator` for their z and constant noise, so the training draws stay
+    those of a text-guided run with the same seed.
+    """
+    device = source.input.input.device
+    style = torch.cat([losses.unit(clip.encode_image(x[None].to(device), antialias=True).float()) for x in style_images])
+    z = torch.randn(STYLE_SOURCE_SAMPLES, source.style_dim, generator=generator, device=generator.device).to(device)
+    generated = source.synthesis(source.to_w_plus([source.mapping(z)]), source.noise_list(randomize=False))
+    made = losses.unit(clip.encode_image(generated).float())
+    return losses.unit(style.mean(dim=0, keepdim=True) - made.mean(dim=0, keepdim=True))
+
+
+def draw_latents(batch: int, dim: int, mixing: float, device: torch.device) -> list[torch.Tensor]:
+    """The step's z: one (batch, dim) tensor, or two when style mixing fires.
+
+    As StyleGAN2's `mixing_noise`: Python's `random` decides (only when `mixing > 0`),
+    and both z's come from one (2, batch, dim) draw.
+    """
+    if mixing > 0 and random.random() < mixing:
+        return list(torch.randn(2, batch, dim, device=device).unbind(0))
+    return [torch.randn(batch, dim, device=device)]
 
 
 # ----------------------------------------------------------------------------
@@ -91,6 +126,20 @@ def choose_layers(
         optimizer.step()
     scores = (w.detach() - w0).abs().mean(dim=-1).mean(dim=0)
     return torch.topk(scores, k).indices.tolist()
+
+
+def check_layer_k(domain: Domain, generator: Generator) -> None:
+    """Refuse an `adapt.auto_layer_k` larger than the generator's W+ (a domain made for a bigger model).
+
+    Raises:
+        UsageError: with the reference default for this generator as the hint.
+    """
+    n_latent = generator.n_latent
+    if domain.adapt.auto_layer_iters > 0 and domain.adapt.layer_k(n_latent) > n_latent:
+        raise UsageError(
+            f"adapt.auto_layer_k = {domain.adapt.layer_k(n_latent)} but the generator has only {n_latent} W+ layers",
+            hint=f"use --layers {int(2 * n_latent / 3)} (the reference default for this size)",
+        )
 
 
 def train_only(generator: Generator, indices: list[int] | None) -> None:
@@ -184,13 +233,13 @@ def stage2_step(
     cfg = domain.adapt
     device = source.input.input.device
     batch = cfg.batch
-    z = torch.randn(batch, source.style_dim, device=device)
+    zs = draw_latents(batch, source.style_dim, cfg.mixing, device)
     with torch.no_grad():
-        w = source.mapping(z)
+        ws = [source.mapping(z) for z in zs]
         learned = None
         if mapper is not None:
             mapper.eval()
-            P = mapper(w)
+            P = mapper(ws[0])  # with style mixing, the prompts follow the first style
             u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch).float()
             learned = (u[:batch], u[batch:])
 
@@ -199,7 +248,7 @@ def stage2_step(
         chosen = choose_layers(source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch)
     train_only(state.trainable, chosen)
 
-    w_plus = source.to_w_plus([w])
+    w_plus = source.to_w_plus(ws)  # one crossover index, shared by G_s and G_t
     with torch.no_grad():
         x_s = source.synthesis(w_plus, draw_noise(source, batch, device))
     x_t = state.trainable.synthesis(w_plus, draw_noise(state.trainable, batch, device))

@@ -1,0 +1,180 @@
+"""`ipl adapt`: stage 2 of IPL (or the NADA baseline), with stage 1 first when no mapper is given."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from ipltool import console, registry
+from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
+from ipltool.devices import resolve_device
+from ipltool.domain import Domain, load_domain
+from ipltool.errors import CheckpointError, DomainError, Interrupted, UsageError
+from ipltool.interrupt import graceful_stop
+from ipltool.progress import step_progress
+from ipltool.train.run import MAPPER_NAME, RunDir
+from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, Models, build_models, load_mapper
+from ipltool.train.stage1_run import run_stage1
+from ipltool.train.stage2 import check_layer_k
+from ipltool.train.stage2_run import run_stage2
+
+
+def _mapper_file(path: Path) -> Path:
+    """`--mapper` accepts a mapper.pt or a run directory holding one."""
+    candidate = path / MAPPER_NAME if path.is_dir() else path
+    if not candidate.is_file():
+        raise UsageError(
+            f"no mapper at {candidate}",
+            hint="pass a mapper.pt or a run directory made by `ipl train-mapper`",
+        )
+    return candidate
+
+
+def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> None:
+    """Refuse a mapper that cannot drive this domain's prompts and generator; warn on other labels."""
+    args = ckpt["init_args"]
+    expected = {"n_ctx": models.prompts.n_ctx, "dim": models.prompts.dim, "latent_dim": models.source.style_dim}
+    for key, value in expected.items():
+        if args.get(key) != value:
+            raise CheckpointError(
+                f"{path} was trained for {key} = {args.get(key)}, this run needs {value}",
+                hint="train a mapper for this domain and CLIP model: ipl train-mapper --domain " + domain.name,
+            )
+    if ckpt.get("ctx_init") not in (None, domain.ctx_init):
+        raise CheckpointError(f"{path} was trained with ctx_init {ckpt['ctx_init']!r}, the domain has {domain.ctx_init!r}")
+    if (ckpt.get("source"), ckpt.get("target")) != (domain.source, domain.target):
+        console.info(f"[yellow]note: the mapper was trained for {ckpt.get('source')!r} -> {ckpt.get('target')!r}[/]")
+
+
+def _domain_of_run(run: RunDir) -> tuple[Domain, dict]:
+    """The resolved domain and the [run] table stored in a run's config.toml."""
+    config = run.read_config()
+    run_table = config.pop("run", {})
+    if run_table.get("stage") != "adapt":
+        raise UsageError(
+            f"{run.path} is a {run_table.get('stage', 'unknown')!r} run, not an adapt run",
+            hint=f"to adapt with its mapper: ipl adapt --domain {config.get('name', 'NAME')} --mapper {run.path}",
+        )
+    try:
+        return Domain.model_validate(config), run_table
+    except ValidationError as err:
+        raise DomainError(f"{run.config_path}: not a valid run config ({err.errors()[0]['msg']})") from None
+
+
+def adapt(
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    method: Optional[str] = typer.Option(None, help="ipl (default) or nada (StyleGAN-NADA baseline: one direction, no mapper)."),
+    mapper_path: Optional[Path] = typer.Option(None, "--mapper", help="Trained mapper.pt, or a train-mapper run dir; skips stage 1."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory (with --steps: extend it)."),
+    steps: Optional[int] = typer.Option(None, help="Adaptation steps (adapt.steps)."),
+    batch: Optional[int] = typer.Option(None, help="Latents per step (adapt.batch)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate before the 4/5 ratio (adapt.lr)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed of stage 2 (adapt.seed)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Layers trained per step (adapt.auto_layer_k)."),
+    sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (adapt.sample_every)."),
+    style_images: Optional[Path] = typer.Option(None, help="NADA: folder of style images to aim at instead of the text."),
+    clip: Optional[list[str]] = typer.Option(None, "--clip", help=CLIP_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
+    save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Adapt the domain's generator to its target text and write runs/<domain>-<time>/generator.pt.
+
+    Without --mapper, stage 1 (the prompt mapper) runs first in the same run directory.
+    Ctrl-C stops after the current step and saves the state; --resume RUN_DIR continues
+    it and ends with exactly the weights of an uninterrupted run.
+
+    Examples: ipl adapt --domain disney --smoke   |   ipl adapt --domain disney --mapper runs/disney-20261121-101500
+    """
+    named = {
+        "adapt.method": method,
+        "adapt.steps": steps,
+        "adapt.batch": batch,
+        "adapt.lr": lr,
+        "adapt.seed": seed,
+        "adapt.auto_layer_k": layers,
+        "adapt.sample_every": sample_every,
+        "adapt.style_images": str(style_images) if style_images else None,
+    }
+    if resume is not None:
+        extra = [flag for flag, value in [("--domain", domain), ("--mapper", mapper_path), ("--clip", clip), ("--set", sets)] if value]
+        extra += [key for key, value in named.items() if value is not None and key != "adapt.steps"]
+        if extra or smoke:
+            raise UsageError(
+                f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--smoke'}",
+                hint="only --steps may change, to extend a run",
+            )
+        run = RunDir.open(resume)
+        resolved, run_table = _domain_of_run(run)
+        smoke = bool(run_table.get("smoke"))
+        if steps is not None and steps != resolved.adapt.steps:
+            resolved = resolved.with_overrides({"adapt.steps": steps})
+            run.write_config({**resolved.to_toml_dict(), "run": run_table})
+    else:
+        if domain is None:
+            raise UsageError("missing --domain", hint="e.g. ipl adapt --domain disney --smoke (see ipl prompts list)")
+        resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named).resolved()
+        run = None
+    if smoke:
+        console.info(f"[yellow]{SMOKE_NOTE}[/]")
+    ipl = resolved.adapt.method == "ipl"
+    if ipl and mapper_path is None and (run is None or not run.mapper_path.exists()):
+        registry.require("mappers", resolved.mapper.kind)
+    device = resolve_device(console.options.device)
+    models = build_models(resolved, device, smoke=smoke)  # fails before any run dir exists
+    check_layer_k(resolved, models.source)
+
+    mapper = ckpt_source = None
+    if ipl and mapper_path is not None:
+        ckpt_source = _mapper_file(mapper_path)
+        mapper, ckpt = load_mapper(ckpt_source, device)
+        _check_mapper(ckpt, resolved, models, ckpt_source)
+    if run is None:
+        run_table = {"stage": "adapt", "smoke": smoke, "device": str(device), "save_every": save_every}
+        if ckpt_source is not None:
+            run_table["mapper_from"] = str(ckpt_source)
+        run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
+        if ckpt_source is not None:
+            shutil.copyfile(ckpt_source, run.mapper_path)  # the run dir stays self-contained
+    console.info(f"run directory: {run.path}")
+
+    with graceful_stop() as stop:
+        if ipl and mapper is None:
+            if run.mapper_path.exists():
+                mapper, ckpt = load_mapper(run.mapper_path, device)
+                _check_mapper(ckpt, resolved, models, run.mapper_path)
+            else:
+                run.truncate_log(0, stage="mapper")  # an earlier attempt may have logged part of stage 1
+
+                def stage1_step(step: int, terms: dict) -> None:
+                    update1(step, terms)
+                    if stop.requested:
+                        raise Interrupted("stopped during stage 1", hint=f"ipl adapt --resume {run.path} trains the mapper again")
+
+                with step_progress(resolved.mapper.steps, "stage 1: mapper") as update1:
+                    run_stage1(resolved, models, run, on_step=stage1_step)
+                mapper, _ = load_mapper(run.mapper_path, device)
+        with step_progress(resolved.adapt.steps, f"stage 2: {resolved.adapt.method}") as update2:
+            result = run_stage2(resolved, models, run, mapper, save_every=int(run_table.get("save_every", save_every)), on_step=update2, stop=stop)
+
+    if console.wants_json(json_output):
+        console.print_json(
+            {
+                "run_dir": str(run.path),
+                "generator": str(run.generator_path),
+                "mapper": str(run.mapper_path) if ipl else None,
+                "samples": [str(p) for p in result.samples],
+                "steps": resolved.adapt.steps,
+                "resumed_from": result.resumed_from,
+                "last": result.last,
+                "smoke": smoke,
+            }
+        )
+    else:
+        console.out.print(f"adapted generator written to {run.generator_path}")

@@ -1,0 +1,78 @@
+"""Command-line flags that override domain keys: `--set KEY=VALUE` and `--clip MODEL[:TAG][=WEIGHT]`.
+
+Training commands apply, in order: the domain file, `--smoke`'s settings, `--set`
+and `--clip`, then their own named flags (`--steps`, `--lr`, ...). Each layer is
+validated again, so a bad value is reported with its key.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ipltool.domain import Domain
+from ipltool.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SET_HELP = "Override any domain key, e.g. --set adapt.ema=0.995 or --set 'ctx_init=\"a picture of a\"' (repeatable)."
+CLIP_HELP = "CLIP model of the loss as MODEL[:PRETRAINED][=WEIGHT], e.g. ViT-B/16:openai=0.5; repeat for several (replaces the domain's list)."
+
+
+def parse_value(text: str) -> Any:
+    """A flag value as TOML (numbers, booleans, quoted strings, arrays), else the bare text."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`["adapt.ema=0.995", ...]` as dotted overrides.
+
+    Raises:
+        UsageError: an item without `=`.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE", hint="for example --set adapt.ema=0.995")
+        overrides[key.strip()] = parse_value(text.strip())
+    return overrides
+
+
+def parse_clips(items: list[str] | None) -> list[dict] | None:
+    """`--clip` values as the domain's `clip` list (None when the flag is not given).
+
+    Raises:
+        UsageError: a weight that is not a number.
+    """
+    if not items:
+        return None
+    clips = []
+    for item in items:
+        spec, _, weight = item.partition("=")
+        model, _, pretrained = spec.partition(":")
+        entry: dict[str, Any] = {"model": model.strip()}
+        if pretrained.strip():
+            entry["pretrained"] = pretrained.strip()
+        if weight.strip():
+            try:
+                entry["weight"] = float(weight)
+            except ValueError:
+                raise UsageError(f"--clip {item!r}: weight {weight!r} is not a number") from None
+        clips.append(entry)
+    return clips
+
+
+def apply_flags(domain: Domain, smoke_overrides: dict | None, sets: list[str] | None, clips: list[str] | None, named: dict) -> Domain:
+    """The domain with every override layer applied in the documented order."""
+    if smoke_overrides:
+        domain = domain.with_overrides(smoke_overrides)
+    domain = domain.with_overrides(parse_sets(sets))
+    domain = domain.with_overrides({"clip": parse_clips(clips)})
+    return domain.with_overrides(named)

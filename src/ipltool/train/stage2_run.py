@@ -1,0 +1,139 @@
+"""A complete stage-2 run: seeding, the loop, samples, resume state and the adapted checkpoint.
+
+Resume is exact: `state.pt` holds G_t, G_ema, the optimizer, the fixed z's, the step
+and every random generator's state, and nothing outside the training steps draws
+from those generators. A run resumed from step k therefore ends with the weights an
+uninterrupted run with the same seed reaches on the same device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ipltool.domain import Domain
+from ipltool.errors import Interrupted, UsageError
+from ipltool.images import find_images, load_rgb, to_tensor
+from ipltool.interrupt import StopRequest
+from ipltool.models.stylegan2 import generator_checkpoint
+from ipltool.train.run import RunDir, atomic_torch_save, capture_rng_state, restore_rng_state
+from ipltool.train.samples import SampleGrid
+from ipltool.train.setup import Models
+from ipltool.train.stage2 import Stage2State, check_layer_k, clip_terms, stage2_step, start_stage2, style_image_direction
+
+STAGE = "adapt"
+
+
+@dataclass
+class Stage2Result:
+    """What a finished stage 2 leaves: the last step's terms and the sample files written."""
+
+    last: dict
+    samples: list[Path] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def _save(run: RunDir, state: Stage2State) -> None:
+    run.save_state(
+        {
+            "stage": STAGE,
+            "step": state.step,
+            "trainable": state.trainable.state_dict(),
+            "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "fixed_z": state.fixed_z,
+            "rng": capture_rng_state(),
+        }
+    )
+
+
+def _restore(run: RunDir, state: Stage2State) -> bool:
+    """Load `state.pt` into `state` when it holds a stage-2 state; True if it did."""
+    device = state.fixed_z.device
+    saved = run.load_state(map_location=device)
+    if saved is None or saved.get("stage") != STAGE:
+        return False
+    state.trainable.load_state_dict(saved["trainable"])
+    state.ema.load_state_dict(saved["ema"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.fixed_z = saved["fixed_z"].to(device)
+    state.step = int(saved["step"])
+    restore_rng_state(saved["rng"])
+    return True
+
+
+def _use_style_images(terms, models: Models, domain: Domain) -> None:
+    """Point every CLIP term's NADA direction at the style images of `adapt.style_images`."""
+    pictures = [to_tensor(load_rgb(path)) for path in find_images(domain.adapt.style_images)]
+    for term in terms:
+        rng = torch.Generator(device=models.source.input.input.device).manual_seed(domain.adapt.seed)
+        term.nada_direction = style_image_direction(term.clip, models.source, pictures, rng)
+
+
+def run_stage2(
+    domain: Domain,
+    models: Models,
+    run: RunDir,
+    mapper: torch.nn.Module | None,
+    save_every: int = 50,
+    on_step: Callable[[int, dict], None] | None = None,
+    stop: StopRequest | None = None,
+) -> Stage2Result:
+    """Adapt the generator, continuing from `run/state.pt` when it holds a stage-2 state.
+
+    Writes per step a `log.jsonl` record; every `adapt.sample_every` steps and at the end
+    a grid in `samples/`; every `save_every` steps `state.pt`; at the end `generator.pt`
+    (`{"g_ema": ...}`). When `stop` is raised between steps, the state is saved and
+    `Interrupted` is raised.
+
+    Args:
+        mapper: the stage-1 mapper (None for method "nada").
+        on_step: called as `on_step(step, terms)` after each step.
+    """
+    cfg = domain.adapt
+    check_layer_k(domain, models.source)
+    terms = clip_terms(models.clips, domain)
+    if cfg.style_images is not None:
+        _use_style_images(terms, models, domain)
+    torch.manual_seed(cfg.seed)
+    state = start_stage2(models.source, domain)
+    resumed = _restore(run, state)
+    if state.step > cfg.steps:
+        raise UsageError(
+            f"{run.path} is already at step {state.step}, past adapt.steps = {cfg.steps}",
+            hint="a run can be extended with a larger --steps, never shortened",
+        )
+    run.truncate_log(state.step if resumed else 0, stage=STAGE)
+    grid = SampleGrid(models.source, state.fixed_z, cfg.truncation, cfg.seed)
+    result = Stage2Result(last={}, resumed_from=state.step)
+
+    def write_samples() -> None:
+        result.samples.append(grid.write(run.samples_dir / f"step-{state.step:06d}.png", state.ema))
+
+    while state.step < cfg.steps:
+        if stop is not None and stop.requested:
+            _save(run, state)
+            raise Interrupted(
+                f"stopped at step {state.step} of {cfg.steps}; the state is saved",
+                hint=f"continue with: ipl adapt --resume {run.path}",
+            )
+        started = time.perf_counter()
+        terms_of_step = stage2_step(state, models.source, terms, domain, mapper, models.prompts if mapper else None)
+        result.last = {"stage": STAGE, "step": state.step, **terms_of_step, "seconds": round(time.perf_counter() - started, 4)}
+        run.log(result.last)
+        if on_step is not None:
+            on_step(state.step, terms_of_step)
+        if state.step % cfg.sample_every == 0 or state.step == cfg.steps:
+            write_samples()
+        if state.step % save_every == 0 and state.step < cfg.steps:
+            _save(run, state)
+
+    if not result.samples and not (run.samples_dir / f"step-{state.step:06d}.png").exists():
+        write_samples()  # a finished run resumed again still shows its final grid
+    atomic_torch_save(generator_checkpoint(state.ema, domain=domain.name, steps=state.step), run.generator_path)
+    _save(run, state)  # the final state lets `--resume --steps N` extend the run
+    return result
