@@ -193,6 +193,14 @@ def test_encode_text_shape(clip):
 # Learned prompts
 
 
+def test_text_features_skip_the_padding_without_changing(clip):
+    texts = ["a photo of a dog.", "disney", "a rather long sentence about an oil painting with thick strokes"]
+    full = clip.model.encode_text(clip.tokenize(texts))  # open_clip's own 77-position pass
+    torch.testing.assert_close(clip.encode_text(texts), full, rtol=1e-5, atol=1e-5)
+    one = clip.encode_text(texts[1])  # a shorter batch runs fewer positions, same features
+    torch.testing.assert_close(one[0], full[1], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ctx_init, n_ctx", [("a photo of a", 4), ("a cartoon of", 3)])
 @pytest.mark.parametrize("label", ["dog", "anime painting"])
 def test_prompt_invariant(clip, ctx_init, n_ctx, label):

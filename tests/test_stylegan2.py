@@ -221,3 +221,27 @@ def test_tiny_generator_is_seeded_and_leaves_the_rng_alone():
         assert ka == kb and torch.equal(va, vb)
     c = build_generator(TINY_CONFIG, seed=1)
     assert not torch.equal(a.state_dict()["input.input"], c.state_dict()["input.input"])
+
+
+@pytest.mark.parametrize("upsample, demodulate, k", [(False, True, 3), (True, True, 3), (False, False, 1)])
+def test_modulated_conv_equals_the_per_sample_weight_formula(upsample, demodulate, k):
+    """Our input/output scaling must give rosinality's per-sample modulated weights, grouped conv and all."""
+    import torch.nn.functional as F
+
+    from ipltool.models.stylegan2 import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(6, 5, k, 16, demodulate=demodulate, upsample=upsample).double()
+    x, style = torch.randn(3, 6, 8, 8, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    # Reference: one weight per sample, demodulated, run as a grouped convolution.
+    s = conv.modulation(style).view(3, 1, 6, 1, 1)
+    weight = conv.scale * conv.weight * s
+    if demodulate:
+        weight = weight * torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + 1e-8).view(3, 5, 1, 1, 1)
+    if upsample:
+        grouped = weight.transpose(1, 2).reshape(3 * 6, 5, k, k)
+        expected = F.conv_transpose2d(x.reshape(1, 18, 8, 8), grouped, stride=2, groups=3)
+        expected = conv.blur(expected.view(3, 5, *expected.shape[2:]))
+    else:
+        expected = F.conv2d(x.reshape(1, 18, 8, 8), weight.reshape(15, 6, k, k), padding=k // 2, groups=3).view(3, 5, 8, 8)
+    torch.testing.assert_close(conv(x, style), expected, rtol=1e-10, atol=1e-10)

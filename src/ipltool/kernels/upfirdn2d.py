@@ -18,13 +18,12 @@ def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, ...]:
 
 def _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
     n, c, h, w = x.shape
-    x = x.reshape(n * c, 1, h, w)
 
     # 1. Upsample by inserting (up - 1) zeros after every sample.
     if up_x > 1 or up_y > 1:
-        x = x.reshape(n * c, 1, h, 1, w, 1)
+        x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, [0, up_x - 1, 0, 0, 0, up_y - 1])
-        x = x.reshape(n * c, 1, h * up_y, w * up_x)
+        x = x.reshape(n, c, h * up_y, w * up_x)
 
     # 2. Pad (positive) or crop (negative) each border.
     x = F.pad(x, [max(pad_x0, 0), max(pad_x1, 0), max(pad_y0, 0), max(pad_y1, 0)])
@@ -35,13 +34,14 @@ def _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad
         max(-pad_x0, 0) : x.shape[3] - max(-pad_x1, 0),
     ]
 
-    # 3. Convolve with the kernel (a true convolution, hence the flip).
-    weight = torch.flip(kernel, [0, 1]).view(1, 1, *kernel.shape).to(x.dtype)
-    x = F.conv2d(x, weight)
+    # 3. Convolve every channel with the kernel (a true convolution, hence the flip). A
+    # depthwise convolution (groups = channels) runs several times faster on CPUs than
+    # one single-channel convolution over (N*C, 1, H, W), with the same result.
+    weight = torch.flip(kernel, [0, 1]).to(x.dtype).expand(c, 1, *kernel.shape).contiguous()
+    x = F.conv2d(x, weight, groups=c)
 
     # 4. Downsample by keeping every down-th sample.
-    x = x[:, :, ::down_y, ::down_x]
-    return x.reshape(n, c, x.shape[2], x.shape[3])
+    return x[:, :, ::down_y, ::down_x]
 
 
 def upfirdn2d(

@@ -336,7 +336,47 @@ class Clip:
         Returns:
             (N, embed_dim) features, not normalised.
         """
-        return self.model.encode_text(self.tokenize(texts))
+        text = self.tokenize(texts)
+        if not _has_causal_text_tower(self.model):
+            return self.model.encode_text(text)
+        return text_tower(self.model, self.model.token_embedding(text), text)
+
+
+def _has_causal_text_tower(model: torch.nn.Module) -> bool:
+    import open_clip
+
+    return isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None and model.text_pool_type == "argmax"
+
+
+def text_tower(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The rest of `open_clip.CLIP.encode_text` (open_clip 3.3) after the token embedding.
+
+    Only the first `L` positions run, up to the batch's last EOT token: attention is
+    causal and the features are read at the EOT, so the zero padding after it cannot
+    change them. With prompts of about 10 tokens this skips 7/8 of the text tower's
+    work and activation memory. Results agree with the full 77 positions to float
+    rounding.
+
+    Args:
+        model: an `open_clip.CLIP` with a causal text tower (`attn_mask` set, argmax pooling).
+        x: (B, context_length, width) token embeddings, possibly with learned vectors spliced in.
+        text: (B, context_length) the token ids (the EOT, the largest id, marks where to pool).
+    """
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = model.transformer.get_cast_dtype()
+    length = int(text.argmax(dim=-1).max()) + 1
+    x, text = x[:, :length].to(cast_dtype), text[:, :length]
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, torch.nn.Linear):
+            x = model.text_projection(x)
+        else:
+            x = x @ model.text_projection
+    return x
 
 
 def _embed_dim(model: torch.nn.Module, image_size: int) -> int:
@@ -379,11 +419,9 @@ class PromptEncoder:
     """
 
     def __init__(self, clip: Clip, ctx_init: str = "a photo of a"):
-        import open_clip
-
-        if not isinstance(clip.model, open_clip.CLIP):
+        if not _has_causal_text_tower(clip.model):
             raise UsageError(
-                f"learned prompts need an open_clip CLIP model with a built-in text tower; "
+                f"learned prompts need an open_clip CLIP model with a built-in causal text tower; "
                 f"{clip.name} is a {type(clip.model).__name__}",
                 hint="use an OpenAI-style CLIP such as ViT-B-32",
             )
@@ -428,8 +466,6 @@ class PromptEncoder:
         Returns:
             (B, embed_dim) features, not normalised.
         """
-        from open_clip.transformer import text_global_pool
-
         if P.ndim != 3 or P.shape[1] != self.n_ctx or P.shape[2] != self.dim:
             raise UsageError(f"prompt vectors must have shape (B, {self.n_ctx}, {self.dim}), got {tuple(P.shape)}")
         batch = P.shape[0]
@@ -439,18 +475,7 @@ class PromptEncoder:
             raise UsageError(f"got {len(labels)} labels for a batch of {batch} prompts")
         text = torch.stack([self._label_tokens(label) for label in labels])
 
-        # Mirrors open_clip.CLIP.encode_text (open_clip 3.3), with P spliced in.
         model = self.clip.model
-        cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(text).to(cast_dtype)
-        x = torch.cat([x[:, :1], P.to(cast_dtype), x[:, 1 + self.n_ctx :]], dim=1)
-        x = x + model.positional_embedding.to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask)
-        x = model.ln_final(x)
-        x = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-        if model.text_projection is not None:
-            if isinstance(model.text_projection, torch.nn.Linear):
-                x = model.text_projection(x)
-            else:
-                x = x @ model.text_projection
-        return x
+        x = model.token_embedding(text)
+        x = torch.cat([x[:, :1], P.to(x.dtype), x[:, 1 + self.n_ctx :]], dim=1)
+        return text_tower(model, x, text)
