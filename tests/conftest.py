@@ -7,10 +7,11 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
-    """Each test gets its own user domain dir and cache, and loads no third-party plugin."""
+    """Each test gets its own user domain dir and cache, stays offline, and loads no third-party plugin."""
     monkeypatch.setenv("IPL_DOMAINS_DIR", str(tmp_path / "user-domains"))
     monkeypatch.setenv("IPL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("IPL_PLUGINS", "")
+    monkeypatch.setenv("IPL_OFFLINE", "1")  # no test touches the network unless it says so
     monkeypatch.delenv("IPL_KERNELS", raising=False)
     monkeypatch.delenv("IPL_DEBUG", raising=False)
     yield

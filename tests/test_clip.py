@@ -124,21 +124,46 @@ def test_unknown_names():
     assert "openai" in info.value.hint
 
 
+def test_openai_weights_come_from_the_cache_never_from_open_clip(monkeypatch, tmp_path):
+    import open_clip
+
+    from ipltool import hub
+
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("open_clip was asked to download"))
+    with pytest.raises(UsageError, match="not in the cache") as info:  # the tests run offline
+        load_clip("ViT-B/32", pretrained="openai")
+    assert "ipl fetch clip-vit-b32" in info.value.hint and "--import clip-vit-b32" in info.value.hint
+    # Once the file is in the cache it is loaded from there, as a file.
+    seen = []
+    monkeypatch.setattr(hub, "ensure", lambda name: seen.append(name) or tmp_path / "ViT-B-32.pt")
+    with pytest.raises(UsageError, match="CLIP weights file not found: .*ViT-B-32.pt"):
+        load_clip("ViT-B/32", pretrained="openai")
+    assert seen == ["clip-vit-b32"]
+
+
 def test_tag_download_failure_is_wrapped(monkeypatch):
     import open_clip
 
     calls = {}
 
-    def offline(name, pretrained=None, **kwargs):
+    def no_network(name, pretrained=None, **kwargs):
         calls.update(kwargs, name=name, pretrained=pretrained)
-        raise RuntimeError("Failed to download weights for tag 'openai': no network\nmore detail")
+        raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b79k': no network\nmore detail")
 
-    monkeypatch.setattr(open_clip, "create_model", offline)
+    monkeypatch.delenv("IPL_OFFLINE")
+    monkeypatch.setattr(open_clip, "create_model", no_network)
     with pytest.raises(IplError, match="no network") as info:
-        load_clip("ViT-B/32", pretrained="openai")
+        load_clip("ViT-B/32", pretrained="laion2b_s34b_b79k")
     assert "\n" not in info.value.message
-    assert "ipl fetch clip-vit-b32" in info.value.hint
-    assert calls["name"] == "ViT-B-32" and calls["force_quick_gelu"] is True
+    assert calls["name"] == "ViT-B-32" and calls["pretrained"] == "laion2b_s34b_b79k"
+
+
+def test_offline_refuses_open_clip_tags(monkeypatch):
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("network touched"))
+    with pytest.raises(UsageError, match="downloads are off"):
+        load_clip("ViT-B/32", pretrained="laion2b_s34b_b79k")
 
 
 # ----------------------------------------------------------------------------

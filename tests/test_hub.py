@@ -31,7 +31,7 @@ def test_generator_lookup(tmp_path, monkeypatch):
     assert float(tiny.conv1.noise.weight) == pytest.approx(0.1)
     with pytest.raises(UsageError, match="not in the cache") as info:
         hub.load_generator_by_name("stylegan2-ffhq-1024")
-    assert "stylegan2-ffhq-config-f.pt" in info.value.hint
+    assert "stylegan2-ffhq-config-f.pt" in info.value.message and "ipl fetch stylegan2-ffhq-1024" in info.value.hint
     # A registry name whose file was put in the cache loads with the registry's architecture.
     mini = hub.ModelEntry(name="mini", kind="generator", description="", file="mini.pt", arch=TINY_CONFIG.to_dict())
     entries = {**hub._registry(), "mini": mini}

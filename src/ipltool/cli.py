@@ -50,12 +50,14 @@ def _global_options(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only results and errors."),
     json_output: bool = typer.Option(False, "--json", help="Print data as JSON (every command that prints data)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also IPL_DEBUG=1)."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network; a missing file names the `ipl fetch` line to run (also IPL_OFFLINE=1)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     console.options.device = check_device_spec(device)
     console.options.quiet = quiet
     console.options.json = json_output
     console.options.debug = debug or console.options.debug
+    console.options.offline = offline
 
 
 app.add_typer(prompts_cmd.app, name="prompts")

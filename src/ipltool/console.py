@@ -18,6 +18,7 @@ class GlobalOptions:
     quiet: bool = False
     json: bool = False
     debug: bool = False
+    offline: bool = False
 
 
 options = GlobalOptions()

@@ -1,22 +1,34 @@
-"""The model registry: names of pretrained files and the architectures behind them.
+"""The model registry and the cache: what each pretrained file is, where it lives, how it is fetched.
 
-The registry is data (`data/models.toml`), read once per process. This module
-answers "what is X": the download and verification side comes with `ipl fetch`.
+The registry is data (`data/models.toml`), read once per process. Files live in one
+cache dir (`$IPL_CACHE`, else the platform user cache dir). `ensure(name)` is how every
+command gets a file: from the cache, else announced and downloaded (`download.py`
+does the transfer), never when offline (`--offline`, `IPL_OFFLINE=1`). Hashes known in
+advance are enforced; where none is known the first download records one in the cache
+(`checksums.json`), and later downloads and `ipl fetch --verify` must match it.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import json
 import os
+import shutil
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from ipltool.errors import UnknownNameError
+from ipltool import console
+from ipltool.atomic import atomic_write_text
+from ipltool.errors import IplError, UnknownNameError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +51,9 @@ class ModelEntry(BaseModel):
     urls: list[str] = Field(default_factory=list)
     sha256: list[str] = Field(default_factory=list)
     bytes: int | None = None
+    format: str = ""
+    needed_by: list[str] = Field(default_factory=list)
+    decompress: str | None = None
 
     def generator_config(self):
         """The architecture (`GeneratorConfig`) of a `generator` entry."""
@@ -104,24 +119,276 @@ def load_generator_by_name(spec: str, device="cpu", seed: int = 0):
         UsageError: a registry file that is not in the cache (the message says where it
             is expected), or a missing path.
     """
-    from ipltool.errors import UsageError
     from ipltool.models.stylegan2 import build_generator, load_generator
 
     if spec in _registry() and _registry()[spec].synthetic:
         # Non-zero noise strengths, like a trained model (see build_generator).
         generator = build_generator(_registry()[spec].generator_config(), seed=seed, noise_strength=0.1)
     elif spec in _registry():
-        path = local_path(spec)
-        if not path.is_file():
-            raise UsageError(
-                f"the weights of {spec!r} are not in the cache ({path})",
-                hint=f"put {_registry()[spec].file} there (sources: {', '.join(_registry()[spec].urls)}), "
-                "or pass a checkpoint path as the generator",
-            )
-        generator = load_generator(path, config=_registry()[spec].generator_config())
+        generator = load_generator(ensure(spec), config=_registry()[spec].generator_config())
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UsageError(f"generator checkpoint not found: {path}")
         generator = load_generator(path)
     return generator.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------
+# The cache: state, verification, fetching, importing
+
+CHECKSUMS_NAME = "checksums.json"
+
+
+def offline() -> bool:
+    """True when no command may touch the network (`--offline` or `IPL_OFFLINE=1`)."""
+    return console.options.offline or os.environ.get("IPL_OFFLINE", "") not in ("", "0")
+
+
+def _records_path() -> Path:
+    return cache_dir() / CHECKSUMS_NAME
+
+
+def _read_records() -> dict[str, dict]:
+    """`checksums.json`: per name, the recorded sha256 and the size and mtime it was computed for."""
+    try:
+        data = json.loads(_records_path().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise IplError(f"cannot read {_records_path()}: {err}", hint="delete it; `ipl fetch --verify` rebuilds it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(name: str, digest: str, path: Path, source: str) -> None:
+    records = _read_records()
+    stat = path.stat()
+    records[name] = {"sha256": digest, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "source": source}
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    atomic_write_text(_records_path(), json.dumps(records, indent=2, sort_keys=True) + "\n")
+
+
+def known_hashes(entry: ModelEntry) -> frozenset[str]:
+    """The sha256 values a file of `entry` may have: the registry's, else the one recorded first."""
+    if entry.sha256:
+        return frozenset(entry.sha256)
+    record = _read_records().get(entry.name)
+    return frozenset([record["sha256"]]) if record and record.get("source") == "download" else frozenset()
+
+
+@dataclass
+class CacheStatus:
+    """Where a registry file stands in the cache."""
+
+    entry: ModelEntry
+    path: Path | None
+    cached: bool
+    verified: bool | None  # None: not checked since the file last changed (or nothing to check against)
+
+
+def status(name: str) -> CacheStatus:
+    """Cached? Verified? Cheap: a file is re-hashed only by `verify`, its result kept per size and mtime."""
+    entry = get_model(name)
+    if entry.synthetic:
+        return CacheStatus(entry, None, True, True)
+    path = local_path(name)
+    if not path.is_file():
+        return CacheStatus(entry, path, False, None)
+    record = _read_records().get(name)
+    stat = path.stat()
+    if record and record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        hashes = known_hashes(entry)
+        return CacheStatus(entry, path, True, record["sha256"] in hashes if hashes else None)
+    return CacheStatus(entry, path, True, None)
+
+
+def verify(name: str) -> CacheStatus:
+    """Re-hash a cached file and compare it with the known or recorded hash; the result is remembered."""
+    from ipltool.download import sha256_file
+
+    entry = get_model(name)
+    current = status(name)
+    if entry.synthetic or not current.cached:
+        return current
+    digest = sha256_file(current.path)
+    hashes = known_hashes(entry)
+    previous = _read_records().get(name, {})
+    _write_record(name, digest, current.path, previous.get("source", "verify"))
+    return CacheStatus(entry, current.path, True, digest in hashes if hashes else None)
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def missing_hint(name: str) -> str:
+    """The exact commands that put `name` into the cache."""
+    return f"run `ipl fetch {name}` where there is internet, or `ipl fetch --import {name} FILE` with a copy you have"
+
+
+def ensure(name: str) -> Path:
+    """The cache path of `name`, downloading it first (announced, with a progress bar) if missing.
+
+    Raises:
+        UsageError: missing while offline; the hint names the `ipl fetch` line to run.
+        DownloadError: every mirror failed (the message says why for each).
+    """
+    entry = get_model(name)
+    path = local_path(name)
+    if path.is_file():
+        return path
+    if offline():
+        raise UsageError(f"{name} ({entry.description}) is not in the cache ({path}) and downloads are off", hint=missing_hint(name))
+    return fetch(name)
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """Download `name` into the cache (verified, atomically), unless it is already there.
+
+    Raises:
+        UsageError: offline; or the entry is synthetic.
+        DownloadError, ChecksumError: see `ipltool.download.download`.
+    """
+    from ipltool.download import download
+
+    entry = get_model(name)
+    path = local_path(name)
+    if path.is_file() and not force:
+        return path
+    if offline():
+        raise UsageError(f"cannot download {name}: downloads are off (--offline or IPL_OFFLINE)", hint=missing_hint(name))
+    if not entry.urls:
+        raise UsageError(f"{name} has no download address", hint=f"get it by hand, then `ipl fetch --import {name} FILE`")
+    console.info(f"downloading {name} ({_human(entry.bytes)}): {entry.description}")
+    target = path.with_name(path.name + ".download") if entry.decompress else path
+    with _transfer_progress(name, entry.bytes) as progress:
+        digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=progress, name=name)
+    if entry.decompress:
+        _unpack(entry, target, path)
+    _write_record(name, digest if not entry.decompress else _sha256(path), path, "download")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    from ipltool.download import sha256_file
+
+    return sha256_file(path)
+
+
+def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
+    """Decompress a verified archive into `path` (through a temporary name), then drop the archive."""
+    if entry.decompress != "bz2":
+        raise IplError(f"{entry.name}: unknown archive format {entry.decompress!r}")
+    tmp = path.with_name(f".{path.name}.unpack")
+    try:
+        with bz2.open(archive, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    archive.unlink(missing_ok=True)
+
+
+def import_file(name: str, file: str | os.PathLike, link: bool = False) -> Path:
+    """Put a copy you already have into the cache: checked against the known hashes, then copied or linked.
+
+    A `.pkl` for a generator entry is an NVlabs network pickle: it is converted (no code
+    from it runs) instead, and the result is recorded as imported.
+
+    Raises:
+        UsageError: the file does not exist.
+        ChecksumError: its hash is not one of the registry's for `name` (nothing is copied).
+    """
+    from ipltool.download import ChecksumError, sha256_file
+
+    entry = get_model(name)
+    if entry.synthetic:
+        raise UsageError(f"{name} is synthetic: it needs no file")
+    source = Path(file).expanduser()
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
+    path = local_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if entry.kind == "generator" and source.suffix == ".pkl":
+        from ipltool.nvlabs import import_nvlabs_generator
+
+        import_nvlabs_generator(source, path)
+        _write_record(name, sha256_file(path), path, "nvlabs-pickle")
+        return path
+    if entry.decompress and source.suffix != path.suffix:  # the archive as downloaded
+        digest = sha256_file(source)
+        if entry.sha256 and digest not in entry.sha256:
+            raise ChecksumError(f"{source} is not {name}: sha256 {digest} is not one of {', '.join(entry.sha256)}")
+        _unpack(entry, _copy_to_temp(source, path.with_name(path.name + ".download")), path)
+        _write_record(name, sha256_file(path), path, "import")
+        return path
+    digest = sha256_file(source)
+    hashes = known_hashes(entry) if not entry.decompress else frozenset()
+    if hashes and digest not in hashes:
+        raise ChecksumError(
+            f"{source} is not {name}: sha256 {digest} is not one of {', '.join(sorted(hashes))}",
+            hint="check that it is the right file; nothing was copied",
+        )
+    tmp = path.with_name(f".{path.name}.import")
+    tmp.unlink(missing_ok=True)
+    if link:
+        try:
+            os.link(source, tmp)  # a hard link shares the bytes; a symlink would break if the copy moves
+        except OSError:
+            os.symlink(source.resolve(), tmp)
+    else:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    _write_record(name, digest, path, "import")
+    return path
+
+
+def _copy_to_temp(source: Path, tmp: Path) -> Path:
+    shutil.copyfile(source, tmp)
+    return tmp
+
+
+def domain_models(domain) -> list[str]:
+    """Registry names of every file a domain needs: its generator (unless synthetic or a path) and CLIP models."""
+    names = []
+    if domain.generator in _registry() and not _registry()[domain.generator].synthetic:
+        names.append(domain.generator)
+    for spec in domain.clip:
+        entry = clip_entry(spec.model, spec.pretrained)
+        if entry is not None and entry.name not in names:
+            names.append(entry.name)
+    return names
+
+
+def clip_entry(model: str, pretrained: str | None) -> ModelEntry | None:
+    """The registry entry holding OpenAI's weights for a CLIP architecture, if any."""
+    if pretrained != "openai":
+        return None
+    from ipltool.models.clip import normalize_model_name
+
+    name = normalize_model_name(model)
+    for entry in list_models("clip"):
+        if entry.arch.get("model") == name:
+            return entry
+    return None
+
+
+@contextlib.contextmanager
+def _transfer_progress(name: str, size: int | None) -> Iterator[Callable[[int, int | None], None]]:
+    """A rich download bar on stderr (bytes, speed, ETA); silent with --quiet/--json."""
+    if console.options.quiet or console.options.json:
+        yield lambda done, total: None
+        return
+    progress = Progress(
+        TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=console.err,
+    )
+    with progress:
+        task = progress.add_task(name, total=size)
+        yield lambda done, total: progress.update(task, completed=done, total=total or size)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from ipltool import hub
 from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,7 +33,6 @@ _OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
 _SCHEMAS = ("hf-hub:", "local-dir:")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 # `ipl fetch` names of the weights IPL uses; other models get the generic hint.
-_FETCH_NAMES = {"ViT-B-32": "clip-vit-b32", "ViT-B-16": "clip-vit-b16"}
 
 
 # ----------------------------------------------------------------------------
@@ -65,10 +65,10 @@ def _register_tiny_config() -> None:
 
 
 def _fetch_hint(name: str) -> str:
-    fetch = _FETCH_NAMES.get(name)
-    if fetch is None:
-        return "pass a local weights file (`ipl fetch` lists the weights it can download)"
-    return f"run `ipl fetch {fetch}` or pass a local weights file"
+    entry = hub.clip_entry(name, "openai")
+    if entry is None:
+        return "pass a local weights file (`ipl fetch --list` shows the weights it can download)"
+    return f"run `ipl fetch {entry.name}` or pass a local weights file"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -172,6 +172,11 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
             f"unknown CLIP weights {pretrained!r} for {name} (neither a known tag nor a file)",
             hint=f"tags for {name}: {', '.join(tags)}" if tags else _fetch_hint(name),
         )
+    if hub.offline():
+        raise UsageError(
+            f"CLIP weights {name}/{pretrained} would be downloaded by open_clip, and downloads are off",
+            hint="pass a local weights file as `pretrained`, or drop --offline / IPL_OFFLINE",
+        )
     # OpenAI-trained weights use QuickGELU; the plain config (e.g. ViT-B-32) does not say so.
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     try:
@@ -212,6 +217,9 @@ def load_clip(model: str, pretrained: str | None = None, device: str | torch.dev
     name = normalize_model_name(model)
     if name == TINY_MODEL:
         _register_tiny_config()
+    entry = hub.clip_entry(name, pretrained)
+    if entry is not None:  # OpenAI's weights come from our cache (fetched on first use), never a surprise download
+        pretrained = str(hub.ensure(entry.name))
     net = _load_model(name, pretrained, seed)
     net = net.to(device).float().eval()
     for param in net.parameters():
