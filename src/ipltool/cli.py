@@ -17,6 +17,7 @@ import typer
 
 from ipltool import __version__, console
 from ipltool.commands import adapt as adapt_cmd
+from ipltool.commands import fetch as fetch_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
 from ipltool.commands import train_mapper as train_mapper_cmd
@@ -60,6 +61,7 @@ def _global_options(
     console.options.offline = offline
 
 
+app.command("fetch")(fetch_cmd.fetch)
 app.add_typer(prompts_cmd.app, name="prompts")
 app.command("plugins")(plugins_cmd.plugins)
 app.command("train-mapper")(train_mapper_cmd.train_mapper)

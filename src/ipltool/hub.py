@@ -217,7 +217,8 @@ def verify(name: str) -> CacheStatus:
     return CacheStatus(entry, current.path, True, digest in hashes if hashes else None)
 
 
-def _human(n: int | None) -> str:
+def human_size(n: int | None) -> str:
+    """Bytes as '381.5 MB' (decimal units, as download sizes are usually given)."""
     if n is None:
         return "size unknown"
     for unit in ("B", "KB", "MB", "GB"):
@@ -248,6 +249,23 @@ def ensure(name: str) -> Path:
     return fetch(name)
 
 
+def ensure_all(names: list[str], force: bool = False) -> dict[str, Path]:
+    """`ensure` for several files, announcing first what will be downloaded (names and sizes).
+
+    Offline, every missing file is named in one error.
+    """
+    missing = [n for n in names if force or not local_path(n).is_file()]
+    if missing and offline():
+        listed = ", ".join(f"{n} ({human_size(get_model(n).bytes)})" for n in missing)
+        hint = missing_hint(missing[0]) if len(missing) == 1 else f"run `ipl fetch {' '.join(missing)}` where there is internet, or `ipl fetch --import NAME FILE` for each"
+        raise UsageError(f"not in the cache, and downloads are off: {listed}", hint=hint)
+    if missing:
+        sizes = [get_model(n).bytes for n in missing]
+        total = human_size(sum(sizes)) if all(sizes) else "size partly unknown"
+        console.info(f"will download {len(missing)} file(s), {total}: " + ", ".join(f"{n} ({human_size(b)})" for n, b in zip(missing, sizes)))
+    return {n: fetch(n, force=force) if n in missing else local_path(n) for n in names}
+
+
 def fetch(name: str, force: bool = False) -> Path:
     """Download `name` into the cache (verified, atomically), unless it is already there.
 
@@ -265,7 +283,7 @@ def fetch(name: str, force: bool = False) -> Path:
         raise UsageError(f"cannot download {name}: downloads are off (--offline or IPL_OFFLINE)", hint=missing_hint(name))
     if not entry.urls:
         raise UsageError(f"{name} has no download address", hint=f"get it by hand, then `ipl fetch --import {name} FILE`")
-    console.info(f"downloading {name} ({_human(entry.bytes)}): {entry.description}")
+    console.info(f"downloading {name} ({human_size(entry.bytes)}): {entry.description}")
     target = path.with_name(path.name + ".download") if entry.decompress else path
     with _transfer_progress(name, entry.bytes) as progress:
         digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=progress, name=name)
@@ -295,11 +313,11 @@ def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
     archive.unlink(missing_ok=True)
 
 
-def import_file(name: str, file: str | os.PathLike, link: bool = False) -> Path:
+def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: bool | None = None) -> Path:
     """Put a copy you already have into the cache: checked against the known hashes, then copied or linked.
 
-    A `.pkl` for a generator entry is an NVlabs network pickle: it is converted (no code
-    from it runs) instead, and the result is recorded as imported.
+    An NVlabs network pickle (`nvlabs=True`, or None and a `.pkl` for a generator entry)
+    is converted instead (no code from it runs), and the result is recorded as imported.
 
     Raises:
         UsageError: the file does not exist.
@@ -315,10 +333,18 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False) -> Path:
         raise UsageError(f"no such file: {source}")
     path = local_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if entry.kind == "generator" and source.suffix == ".pkl":
+    if nvlabs is None:
+        nvlabs = source.suffix == ".pkl"
+    if nvlabs:
+        if entry.kind != "generator":
+            raise UsageError(f"an NVlabs pickle holds a generator, and {name} is a {entry.kind}")
         from ipltool.nvlabs import import_nvlabs_generator
 
-        import_nvlabs_generator(source, path)
+        config = import_nvlabs_generator(source, path)
+        expected = entry.generator_config()
+        if (config.size, config.style_dim) != (expected.size, expected.style_dim):
+            path.unlink(missing_ok=True)
+            raise UsageError(f"{source} holds a {config.size} px generator; {name} is {expected.size} px")
         _write_record(name, sha256_file(path), path, "nvlabs-pickle")
         return path
     if entry.decompress and source.suffix != path.suffix:  # the archive as downloaded

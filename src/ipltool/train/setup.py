@@ -42,7 +42,13 @@ class Models:
 
 
 def build_models(domain: Domain, device: torch.device, smoke: bool = False) -> Models:
-    """Load the domain's generator and CLIP models (tiny random ones with `smoke`)."""
+    """Load the domain's generator and CLIP models (tiny random ones with `smoke`).
+
+    Files missing from the cache are announced together, then downloaded (or, offline,
+    named in one error with the `ipl fetch` line that provides them).
+    """
+    if not smoke:
+        hub.ensure_all(hub.domain_models(domain))
     source = hub.load_generator_by_name("tiny" if smoke else domain.generator, device=device)
     clips = []
     for index, spec in enumerate(domain.clip):
