@@ -28,6 +28,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from ipltool import console
 from ipltool.atomic import atomic_write_text
+from ipltool.download import ChecksumError, download, sha256_file
 from ipltool.errors import IplError, UnknownNameError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -204,8 +205,6 @@ def status(name: str) -> CacheStatus:
 
 def verify(name: str) -> CacheStatus:
     """Re-hash a cached file and compare it with the known or recorded hash; the result is remembered."""
-    from ipltool.download import sha256_file
-
     entry = get_model(name)
     current = status(name)
     if entry.synthetic or not current.cached:
@@ -273,8 +272,6 @@ def fetch(name: str, force: bool = False) -> Path:
         UsageError: offline; or the entry is synthetic.
         DownloadError, ChecksumError: see `ipltool.download.download`.
     """
-    from ipltool.download import download
-
     entry = get_model(name)
     path = local_path(name)
     if path.is_file() and not force:
@@ -289,13 +286,11 @@ def fetch(name: str, force: bool = False) -> Path:
         digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=progress, name=name)
     if entry.decompress:
         _unpack(entry, target, path)
-    _write_record(name, digest if not entry.decompress else _sha256(path), path, "download")
+    _write_record(name, digest if not entry.decompress else sha256_file(path), path, "download")
     return path
 
 
 def _sha256(path: Path) -> str:
-    from ipltool.download import sha256_file
-
     return sha256_file(path)
 
 
@@ -323,8 +318,6 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
         UsageError: the file does not exist.
         ChecksumError: its hash is not one of the registry's for `name` (nothing is copied).
     """
-    from ipltool.download import ChecksumError, sha256_file
-
     entry = get_model(name)
     if entry.synthetic:
         raise UsageError(f"{name} is synthetic: it needs no file")
@@ -351,7 +344,9 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
         digest = sha256_file(source)
         if entry.sha256 and digest not in entry.sha256:
             raise ChecksumError(f"{source} is not {name}: sha256 {digest} is not one of {', '.join(entry.sha256)}")
-        _unpack(entry, _copy_to_temp(source, path.with_name(path.name + ".download")), path)
+        archive = path.with_name(path.name + ".download")
+        shutil.copyfile(source, archive)
+        _unpack(entry, archive, path)
         _write_record(name, sha256_file(path), path, "import")
         return path
     digest = sha256_file(source)
@@ -373,11 +368,6 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
     os.replace(tmp, path)
     _write_record(name, digest, path, "import")
     return path
-
-
-def _copy_to_temp(source: Path, tmp: Path) -> Path:
-    shutil.copyfile(source, tmp)
-    return tmp
 
 
 def domain_models(domain) -> list[str]:

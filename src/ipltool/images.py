@@ -52,9 +52,9 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB picture as a (3, H, W) float tensor in [-1, 1], the generator's range."""
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    data = data.view(image.height, image.width, 3).permute(2, 0, 1)
-    return data.float() / 127.5 - 1
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(image).float() / 127.5 - 1
 
 
 def png_bytes(images: torch.Tensor, nrow: int) -> bytes:

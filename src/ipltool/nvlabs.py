@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from ipltool.errors import CheckpointError, UsageError
-from ipltool.models.stylegan2 import BLUR_KERNEL, Generator, GeneratorConfig, generator_checkpoint, make_kernel
+from ipltool.models.stylegan2 import BLUR_KERNEL, GeneratorConfig, build_from_state, generator_checkpoint, make_kernel
 from ipltool.atomic import atomic_torch_save
 
 class UnsafePickleError(CheckpointError):
@@ -633,12 +633,7 @@ def import_nvlabs_generator(path: str | Path, out_path: str | Path) -> Generator
     """
     g_ema = load_nvlabs_pickle(path)["G_ema"]
     config, state = convert_g_ema(g_ema)
-    generator = Generator.from_config(config)
-    try:
-        generator.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise CheckpointError(f"converted G_ema of {path} does not fit a {config.size}px generator: {detail[:300]}") from None
+    generator = build_from_state(config, state, f"converted G_ema of {path}")
     bad = [name for name, t in generator.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"G_ema of {path} holds non-finite values (first in {bad[0]})")

@@ -520,14 +520,23 @@ def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig
     state = ckpt[key]
     if config is None:
         config = GeneratorConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else config_from_state_dict(state)
+    return build_from_state(config, state, f"{path}[{key!r}]").eval()
+
+
+def build_from_state(config: GeneratorConfig, state: dict[str, torch.Tensor], what: str) -> Generator:
+    """A `Generator` of `config` with `state` loaded strictly.
+
+    Raises:
+        CheckpointError: one line naming `what` and the first mismatching keys.
+    """
     generator = Generator.from_config(config)
     try:
         generator.load_state_dict(state, strict=True)
     except RuntimeError as err:
         # torch lists every mismatching key; the first two lines say enough.
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise CheckpointError(f"{path}[{key!r}] does not fit a {config.size}px generator: {detail[:300]}") from None
-    return generator.eval()
+        raise CheckpointError(f"{what} does not fit a {config.size}px generator: {detail[:300]}") from None
+    return generator
 
 
 def generator_checkpoint(generator: Generator, **extra) -> dict:
