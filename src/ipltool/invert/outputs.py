@@ -1,0 +1,211 @@
+"""Where `ipl stylize` writes, and the manifest that records every input.
+
+Layout of `--out DIR`:
+
+    manifest.jsonl                 one JSON line per input (status, faces, outputs, error)
+    aligned/<name>.png             the aligned face at the generator's size
+    reconstruction/<name>.png      the W+ code rendered by the source generator
+    stylized/<label>/<name>.png    the same code through each adapted generator
+    pasted/<label>/<name>.<ext>    (--paste-back) the photo with its faces replaced
+    latents/<name>.pt              (--save-latents) {"w_plus": (faces, n_latent, 512), ...}
+    contact-sheet-NNN.png          rows of aligned | reconstruction | each stylized
+
+With `--faces all`, face k (1 = largest) of a photo writes `<name>-face<k>.png`. Every file
+is written to a temporary name and renamed, so an interrupted run leaves no half file,
+and the manifest line of a photo is appended only after all its files exist.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ipltool.atomic import atomic_write_bytes, atomic_write_text
+
+MANIFEST_NAME = "manifest.jsonl"
+SHEET_ROWS = 16
+SHEET_THUMB = 128
+
+#: Statuses of a manifest line. A re-run with --skip-existing skips the final ones
+#: (a photo without a face will not grow one); `error` is tried again.
+OK, NO_FACE, UNREADABLE, ERROR = "ok", "no face", "unreadable", "error"
+FINAL = (OK, NO_FACE, UNREADABLE)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded(image: Image.Image, suffix: str) -> bytes:
+    """`image` encoded for `suffix`: JPEG at quality 95 for .jpg/.jpeg, PNG otherwise."""
+    if suffix in (".jpg", ".jpeg"):
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue()
+    return png_bytes(image)
+
+
+@dataclass
+class Layout:
+    """Output paths under one `--out` folder."""
+
+    root: Path
+
+    def face_stem(self, name: str, face: int, all_faces: bool) -> str:
+        """Output stem of face `face` (0 = largest) of the photo named `name`."""
+        return f"{name}-face{face + 1}" if all_faces else name
+
+    def aligned(self, stem: str) -> Path:
+        return self.root / "aligned" / f"{stem}.png"
+
+    def reconstruction(self, stem: str) -> Path:
+        return self.root / "reconstruction" / f"{stem}.png"
+
+    def stylized(self, label: str, stem: str) -> Path:
+        return self.root / "stylized" / label / f"{stem}.png"
+
+    def pasted(self, label: str, name: str, suffix: str) -> Path:
+        keep = suffix.lower() if suffix.lower() in (".jpg", ".jpeg") else ".png"
+        return self.root / "pasted" / label / f"{name}{keep}"
+
+    def latents(self, name: str) -> Path:
+        return self.root / "latents" / f"{name}.pt"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the output folder, POSIX style (as the manifest stores it)."""
+        return path.relative_to(self.root).as_posix()
+
+    def write(self, path: Path, data: bytes) -> str:
+        """Write `data` atomically (making folders) and return the manifest's relative path."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        return self.relative(path)
+
+
+def record_outputs(record: dict) -> list[str]:
+    """Every relative output path a manifest line names."""
+    paths: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            paths.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for face in record.get("outputs", []):
+        walk({k: v for k, v in face.items() if k not in ("face", "rect", "score")})
+    walk(record.get("pasted", {}))
+    if record.get("latents"):
+        paths.append(record["latents"])
+    return paths
+
+
+class Manifest:
+    """`manifest.jsonl`: read at start (for --skip-existing), appended one line per input."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.path = layout.manifest
+
+    def read(self) -> dict[str, dict]:
+        """Earlier lines by input path; the last line of an input wins, broken lines are dropped."""
+        records: dict[str, dict] = {}
+        if not self.path.is_file():
+            return records
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if isinstance(record, dict) and isinstance(record.get("input"), str):
+                records[record["input"]] = record
+        return records
+
+    def start(self, kept: list[dict]) -> None:
+        """Begin a run: the manifest holds exactly the `kept` lines (skipped inputs)."""
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        """Add one input's line and flush it to disk."""
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def is_done(record: dict | None, layout: Layout, expected_labels: list[str], paste_back: bool, latents: bool) -> bool:
+    """True when a --skip-existing run may skip the input this earlier line describes."""
+    if record is None or record.get("status") not in FINAL:
+        return False
+    if record["status"] != OK:
+        return True
+    for face in record.get("outputs", []):
+        if set(expected_labels) - set(face.get("stylized", {})):
+            return False
+    if paste_back and set(expected_labels) - set(record.get("pasted", {})):
+        return False
+    if latents and not record.get("latents"):
+        return False
+    return all((layout.root / rel).is_file() for rel in record_outputs(record))
+
+
+@dataclass
+class ContactSheet:
+    """Pages of `SHEET_ROWS` faces: aligned | reconstruction | each stylized, `SHEET_THUMB` px.
+
+    A page is written as soon as it is full (and the last one at the end), so memory stays
+    flat over thousands of photos and an interrupted run keeps its finished pages.
+    """
+
+    layout: Layout
+    columns: int
+    rows: list[list[np.ndarray]] = field(default_factory=list)
+    page: int = 0
+    written: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Continue numbering after pages an earlier run wrote into the same folder.
+        existing = sorted(self.layout.root.glob("contact-sheet-*.png"))
+        numbers = [int(p.stem.rsplit("-", 1)[1]) for p in existing if p.stem.rsplit("-", 1)[1].isdigit()]
+        self.page = max(numbers, default=0)
+
+    def add(self, images: list[Image.Image]) -> None:
+        """One face's row; `images` in column order."""
+        row = [np.asarray(im.convert("RGB").resize((SHEET_THUMB, SHEET_THUMB), Image.Resampling.LANCZOS)) for im in images]
+        self.rows.append(row)
+        if len(self.rows) >= SHEET_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending rows as the next page."""
+        if not self.rows:
+            return
+        pad, t = 4, SHEET_THUMB
+        sheet = np.full((pad + len(self.rows) * (t + pad), pad + self.columns * (t + pad), 3), 255, np.uint8)
+        for r, row in enumerate(self.rows):
+            for c, thumb in enumerate(row):
+                y, x = pad + r * (t + pad), pad + c * (t + pad)
+                sheet[y : y + t, x : x + t] = thumb
+        self.page += 1
+        path = self.layout.root / f"contact-sheet-{self.page:03d}.png"
+        self.written.append(self.layout.write(path, png_bytes(Image.fromarray(sheet))))
+        self.rows = []
