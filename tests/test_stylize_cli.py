@@ -243,3 +243,20 @@ def test_a_failing_model_call_fails_only_its_group(run_cli, photos, tmp_path, mo
     assert code == 1
     statuses = {name: r["status"] for name, r in _manifest(out).items()}
     assert statuses == {"astronaut": "error", "rgba": "ok"}
+
+
+def test_restyle_encoders_and_quirk_flags(run_cli, photos, tmp_path):
+    face = str(photos / "astronaut.jpg")
+    for encoder in ("restyle-e4e", "restyle-psp", "psp"):
+        extra = ["--restyle-steps", "2", "--restyle-extra-pass"] if encoder.startswith("restyle") else []
+        code, _, stderr = run_cli("stylize", face, "--smoke", "--encoder", encoder, *extra, "--out", str(tmp_path / encoder), "--save-latents")
+        assert code == 0, stderr
+        assert torch.load(tmp_path / encoder / "latents" / "astronaut.pt", weights_only=True)["encoder"] == encoder
+    code, _, err = run_cli("stylize", face, "--smoke", "--restyle-steps", "3", "--out", str(tmp_path / "x"))
+    assert code == 2 and "restyle" in err
+    code, _, err = run_cli("stylize", face, "--smoke", "--restyle-extra-pass", "--out", str(tmp_path / "x"))
+    assert code == 2 and "restyle" in err
+    # --minmax stretches every rendered picture to the full range.
+    code, _, _ = run_cli("stylize", face, "--smoke", "--minmax", "--out", str(tmp_path / "mm"))
+    picture = np.asarray(Image.open(tmp_path / "mm" / "reconstruction" / "astronaut.png"))
+    assert code == 0 and picture.min() == 0 and picture.max() == 255

@@ -71,6 +71,8 @@ def stylize(
     encoder: str = typer.Option("e4e", "--encoder", "-e", help="e4e, psp, restyle-e4e, restyle-psp, or a plugin's encoder."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Encoder checkpoint; default: the encoder's official file (fetched on first use)."),
     restyle_steps: Optional[int] = typer.Option(None, "--restyle-steps", min=1, help="ReStyle refinement steps (default 5)."),
+    restyle_extra_pass: bool = typer.Option(False, "--restyle-extra-pass", help="Quirk of the IPL thesis code: one more encoder pass whose code is used undecoded."),
+    minmax: bool = typer.Option(False, "--minmax", help="Quirk of the IPL thesis code: stretch each output to its own min..max (for side-by-side comparisons only)."),
     faces: str = typer.Option("largest", "--faces", help="largest: one face per photo; all: every face found."),
     no_align: bool = typer.Option(False, "--no-align", help="Inputs are aligned square face crops already; skip detection."),
     min_score: float = typer.Option(0.0, "--min-score", help="Drop detections scoring below this (0: dlib's default; 0.5 also drops weak hits such as patterns on clothes)."),
@@ -103,6 +105,10 @@ def stylize(
         if not encoder.startswith("restyle"):
             raise UsageError(f"--restyle-steps applies to the restyle-* encoders, not {encoder!r}")
         options["restyle_steps"] = restyle_steps
+    if restyle_extra_pass:
+        if not encoder.startswith("restyle"):
+            raise UsageError(f"--restyle-extra-pass applies to the restyle-* encoders, not {encoder!r}")
+        options["extra_pass"] = True
     photo_list = collect_photos(list(photos or []), from_list)
     check_output_dir(out, photo_list, list(photos or []))
     registry.require("encoders", encoder)
@@ -137,7 +143,7 @@ def stylize(
         inverter,
         targets,
         layout,
-        StylizeOptions(all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask, save_latents=save_latents, batch=batch),
+        StylizeOptions(all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask, save_latents=save_latents, batch=batch, minmax=minmax),
         device,
         detector,
     )

@@ -33,6 +33,7 @@ class StylizeOptions:
     paste_mask: str = "square"
     save_latents: bool = False
     batch: int = 4  # faces per encoder / generator call
+    minmax: bool = False  # quirk of the thesis code: per-image min-max stretch of the outputs
 
 
 @dataclass
@@ -55,6 +56,18 @@ class PreparedPhoto:
     record: dict
     image: Image.Image | None = None
     faces: list[PreparedFace] = field(default_factory=list)
+
+
+def _picture(image: torch.Tensor, minmax: bool) -> Image.Image:
+    """A rendered (3, H, W) image as a picture; `minmax` stretches it to its own range first.
+
+    The stretch reproduces the IPL thesis code, which saved with torchvision's
+    `save_image(normalize=True)` (a **quirk**: colours then depend on each image's extremes).
+    """
+    if minmax:
+        low, high = image.min(), image.max()
+        image = (image - low) / (high - low).clamp_min(1e-8) * 2 - 1
+    return to_pil(image)
 
 
 def _render(generator, codes: torch.Tensor, batch: int) -> torch.Tensor:
@@ -198,7 +211,7 @@ class Stylizer:
         layout, record = self.layout, item.record
         outputs = []
         for i, face in enumerate(item.faces):
-            reconstruction = to_pil(rendered["reconstruction"][i])
+            reconstruction = _picture(rendered["reconstruction"][i], self.options.minmax)
             entry = {
                 "face": i + 1,
                 "rect": face.rect,
@@ -209,7 +222,7 @@ class Stylizer:
             }
             row = [face.crop, reconstruction]
             for target in self.targets:
-                picture = to_pil(rendered[target.label][i])
+                picture = _picture(rendered[target.label][i], self.options.minmax)
                 entry["stylized"][target.label] = layout.write(layout.stylized(target.label, face.stem), png_bytes(picture))
                 row.append(picture)
             outputs.append(entry)
