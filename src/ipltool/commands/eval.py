@@ -11,13 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ipltool import console
+from ipltool.atomic import atomic_write_bytes
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.images import find_images, load_rgb, png_bytes
 from ipltool.metrics.evaluate import METRICS, Evaluator, Settings
 from ipltool.metrics.sampling import EvalInput, resolve_input
 from ipltool.report import format_value, metric_keys, tables, write_report
-from ipltool.atomic import atomic_write_bytes
 
 SAMPLE_COLUMNS = 8
 
@@ -93,9 +93,13 @@ def eval_command(
             raise UsageError(f"no such reference: {path}")
     chosen = _parse_metrics(metrics)
     items = [resolve_input(path, domain, report) for path in inputs]
-    names = [item.name for item in items]
-    if len(set(names)) != len(names):
-        raise UsageError("two inputs have the same name", hint="rename one of them (names label the report's samples)")
+    taken: set[str] = set()
+    for item in items:  # runs made in the same second under different folders share a name
+        base, counter = item.name, 2
+        while item.name in taken:
+            item.name = f"{base}-{counter}"
+            counter += 1
+        taken.add(item.name)
     smoke_runs = {item.smoke for item in items if item.kind != "folder"}
     if smoke_runs == {True, False}:
         raise UsageError("some runs are --smoke runs (tiny random models) and some are real: evaluate them separately")
@@ -106,8 +110,21 @@ def eval_command(
         find_images(reference)  # an empty folder fails now
     weights = {k: v for k, v in {"inception": inception_weights, "sifid": sifid_weights, "edges": hed_weights, "identity": id_weights}.items() if v}
     settings = Settings(
-        chosen, n, seed, truncation, batch, smoke, reference, list(sifid_ref or []), sifid_layer,
-        "sobel" if smoke and scs_edge == "hed" and hed_weights is None else scs_edge, id_backbone, clip, weights, allow_download,
+        metrics=chosen,
+        n=n,
+        seed=seed,
+        truncation=truncation,
+        batch=batch,
+        smoke=smoke,
+        reference=reference,
+        sifid_refs=list(sifid_ref or []),
+        sifid_layer=sifid_layer,
+        # Smoke runs have no HED weights to fetch: their SCS uses the weight-free edges.
+        scs_edge="sobel" if smoke and scs_edge == "hed" and hed_weights is None else scs_edge,
+        id_backbone=id_backbone,
+        clip_models=clip,
+        weights=weights,
+        allow_download=allow_download,
     )
     device = resolve_device(console.options.device)
     report.mkdir(parents=True, exist_ok=True)

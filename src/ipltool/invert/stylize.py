@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -143,8 +144,6 @@ class Stylizer:
             crop = image if image.width == self.crop_size else image.resize((self.crop_size,) * 2, Image.Resampling.LANCZOS)
             encoder_input = self.inverter.preprocess(to_tensor(image)[None])[0]
             return [PreparedFace(photo.name, encoder_input, crop, None, None)], 1
-
-        import numpy as np
 
         found = self.detector.detect(np.asarray(image))
         chosen = found if self.options.all_faces else found[:1]  # sorted largest first

@@ -21,7 +21,7 @@ from ipltool.atomic import atomic_torch_save
 from ipltool.errors import UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
-from ipltool.metrics.sampling import EvalInput
+from ipltool.metrics.sampling import EvalInput, folder_input
 
 #: Every metric `ipl eval` knows, in report order.
 METRICS = ("is", "fid", "kid", "sifid", "scs", "id", "clip", "diversity")
@@ -188,10 +188,7 @@ class Evaluator:
 
     def reference_features(self, extractor_name: str, files: list[Path], cache_dir: Path) -> dict[str, torch.Tensor]:
         """Features of reference pictures (FID/KID set, SIFID references), cached like an input."""
-        from ipltool.metrics.sampling import EvalInput as _Input, _file_fingerprint
-
-        listing = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
-        item = _Input("reference", "reference", None, "folder", files[0].parent, cache_dir, listing, files=files)
+        item = folder_input(files[0].parent, files, cache_dir)
         # SIFID works at native resolution: one picture per batch, never resized to a neighbour's size.
         batch = 1 if extractor_name == "sifid" else None
         return self.features(item, [Need(extractor_name, "target", len(files))], batch=batch)[(extractor_name, "target")]
@@ -235,7 +232,8 @@ class Evaluator:
         s = self.settings
         unpaired = (None, "needs source/adapted pairs (a run or a checkpoint, not a folder)")
         if metric in ("is", "fid", "kid"):
-            needs = [Need("inception", "target", n)] + ([Need("inception", "source", n)] if item.paired and metric != "is" else [])
+            # Only FID has a source-side value (fid_src_tgt); IS and KID use the adapted images alone.
+            needs = [Need("inception", "target", n)] + ([Need("inception", "source", n)] if item.paired and metric == "fid" else [])
             feats = self.features(item, needs)
             target = feats[("inception", "target")]
             if metric == "is":

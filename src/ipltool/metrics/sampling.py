@@ -58,6 +58,7 @@ class EvalInput:
     files: list[Path] = field(default_factory=list)
     _target: Generator | None = None
     _source: Generator | None = None
+    _means: dict[int, torch.Tensor] = field(default_factory=dict)  # truncation centre per seed
 
     @property
     def paired(self) -> bool:
@@ -88,7 +89,9 @@ class EvalInput:
             return
         self.load(device)
         source, target = self._source, self._target
-        mean = _mean_latent(source, seed)
+        if seed not in self._means:
+            self._means[seed] = _mean_latent(source, seed)
+        mean = self._means[seed]
         with torch.no_grad():
             for first in range(start, stop, batch):
                 indices = range(first, min(stop, first + batch))
@@ -163,6 +166,10 @@ def resolve_input(spec: Path, domain_name: str | None, report_dir: Path) -> Eval
         if domain is None:
             raise UsageError(f"{spec}: a generator checkpoint needs --domain (its source generator and texts)")
         return EvalInput(spec.stem, spec.stem, domain, "checkpoint", spec, cache, _file_fingerprint(spec))
-    files = find_images(spec)
+    return folder_input(spec, find_images(spec), cache, domain)
+
+
+def folder_input(path: Path, files: list[Path], cache_dir: Path, domain: Domain | None = None) -> EvalInput:
+    """An input streaming `files` (named after `path`); its fingerprint changes when any file changes."""
     listing = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
-    return EvalInput(spec.name, spec.name, domain, "folder", spec, cache, listing, files=files)
+    return EvalInput(path.name, path.name, domain, "folder", path, cache_dir, listing, files=files)
