@@ -45,23 +45,23 @@ def make_photos(folder: Path, count: int) -> None:
         Image.fromarray(np.ascontiguousarray(picture)).save(folder / f"photo{i:03d}.jpg", quality=92)
 
 
-def make_256_models(folder: Path) -> tuple[Path, Path]:
-    """A full-size random e4e checkpoint for a 256 px generator, and one target generator."""
+def make_models(folder: Path, size: int = 256) -> tuple[Path, Path]:
+    """A full-size random e4e checkpoint for a `size` px config-f generator, and one target generator."""
     import torch
 
     from ipltool.models.encoders import Encoder4Editing, save_checkpoint
     from ipltool.models.stylegan2 import GeneratorConfig, build_generator, generator_checkpoint
 
-    config = GeneratorConfig(size=256, channel_multiplier=2)
+    config = GeneratorConfig(size=size, channel_multiplier=2)
     decoder = build_generator(config, seed=0, noise_strength=0.1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         encoder = Encoder4Editing(n_styles=decoder.n_latent, style_dim=512, input_size=256)
         for block in encoder.styles:  # keep random codes near the average, like a trained encoder
             block.linear.weight.data.mul_(0.01)
-    weights = folder / "e4e-256-random.pt"
+    weights = folder / f"e4e-{size}-random.pt"
     save_checkpoint(weights, encoder, decoder, latent_avg=decoder.mean_latent(4096)[0])
-    target = folder / "target-256-random.pt"
+    target = folder / f"target-{size}-random.pt"
     torch.save(generator_checkpoint(build_generator(config, seed=1, noise_strength=0.1)), target)
     return weights, target
 
@@ -76,7 +76,7 @@ def run_case(case: str, photos: int, repeats: int, batch: int) -> dict:
         if case == "tiny":
             extra = ["--smoke", "--domain", "disney"]
         else:
-            weights, target = make_256_models(tmp_path)
+            weights, target = make_models(tmp_path, 256)
             extra = ["--weights", str(weights), "--generator", str(target)]
         seconds = []
         for run in range(repeats + 1):

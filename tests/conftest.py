@@ -12,8 +12,14 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("IPL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("IPL_PLUGINS", "")
     monkeypatch.setenv("IPL_OFFLINE", "1")  # no test touches the network unless it says so
-    monkeypatch.delenv("IPL_KERNELS", raising=False)
+    # Set, then removed: monkeypatch then restores it even when `ipl --kernels` sets it.
+    monkeypatch.setenv("IPL_KERNELS", "auto")
+    monkeypatch.delenv("IPL_KERNELS")
     monkeypatch.delenv("IPL_DEBUG", raising=False)
+    from ipltool.kernels import build, dispatch
+
+    build.forget()  # no compiled kernels or build failure carried over from another test
+    dispatch.reset_warning()
     yield
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_only_working_commands(run_cli):
     code, out, _ = run_cli("--help")
     assert code == 0
-    for working in ("prompts", "plugins", "train-mapper", "adapt", "fetch", "stylize", "eval"):
+    for working in ("prompts", "plugins", "train-mapper", "adapt", "fetch", "stylize", "eval", "kernels"):
         assert f" {working} " in out
 
 

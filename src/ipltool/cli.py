@@ -19,12 +19,14 @@ from ipltool import __version__, console
 from ipltool.commands import adapt as adapt_cmd
 from ipltool.commands import eval as eval_cmd
 from ipltool.commands import fetch as fetch_cmd
+from ipltool.commands import kernels as kernels_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
 from ipltool.commands import stylize as stylize_cmd
 from ipltool.commands import train_mapper as train_mapper_cmd
 from ipltool.devices import check_device_spec
 from ipltool.errors import IplError
+from ipltool.kernels import dispatch
 
 app = typer.Typer(
     name="ipl",
@@ -54,6 +56,9 @@ def _global_options(
     json_output: bool = typer.Option(False, "--json", help="Print data as JSON (every command that prints data)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also IPL_DEBUG=1)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network; a missing file names the `ipl fetch` line to run (also IPL_OFFLINE=1)."),
+    kernels: Optional[str] = typer.Option(
+        None, "--kernels", help="StyleGAN2 ops: auto (compiled CUDA kernels on GPU, else native), native or cuda (strict). Also IPL_KERNELS."
+    ),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     console.options.device = check_device_spec(device)
@@ -61,6 +66,11 @@ def _global_options(
     console.options.json = json_output
     console.options.debug = debug or console.options.debug
     console.options.offline = offline
+    # The environment is the one channel the ops read (worker processes inherit it too);
+    # a bad value, from the flag or the environment, is refused before any work starts.
+    if kernels is not None:
+        os.environ[dispatch.ENV_VAR] = dispatch.kernel_choice(kernels)
+    dispatch.kernel_choice()
 
 
 app.command("fetch")(fetch_cmd.fetch)
@@ -70,6 +80,7 @@ app.command("train-mapper")(train_mapper_cmd.train_mapper)
 app.command("adapt")(adapt_cmd.adapt)
 app.command("stylize")(stylize_cmd.stylize)
 app.command("eval")(eval_cmd.eval_command)
+app.add_typer(kernels_cmd.app, name="kernels")
 
 
 def _report(error: IplError) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ipltool.kernels.dispatch import resolve_impl
+from ipltool.kernels import build
+from ipltool.kernels.dispatch import kernel_choice, resolve_impl
 
 
 def _pair(value: int | tuple[int, ...], name: str) -> tuple[int, ...]:
@@ -44,6 +45,39 @@ def _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad
     return x[:, :, ::down_y, ::down_x]
 
 
+class _Upfirdn2dCuda(torch.autograd.Function):
+    """The compiled op. upfirdn2d is linear in x, and its adjoint is again an upfirdn2d
+    (flipped kernel, up and down swapped, shifted pads), so the backward calls this same
+    Function and every order of derivative comes out right."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+        out = build.extension().upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1)
+        ctx.save_for_backward(kernel)
+        ctx.geometry = (up_x, up_y, down_x, down_y, pad_x0, pad_y0)
+        ctx.in_size = x.shape[2:]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kernel,) = ctx.saved_tensors
+        up_x, up_y, down_x, down_y, pad_x0, pad_y0 = ctx.geometry
+        (in_h, in_w), (out_h, out_w) = ctx.in_size, grad.shape[2:]
+        k_h, k_w = kernel.shape
+        # Output o, tap t read input i where i * up = o * down + t - pad0; read backwards,
+        # input i gathers output o with tap k - 1 - t: pad0' = k - 1 - pad0, and pad1' is
+        # what makes the result exactly in_size long.
+        grad_pads = (
+            k_w - 1 - pad_x0,
+            in_w * up_x - out_w * down_x + pad_x0,
+            k_h - 1 - pad_y0,
+            in_h * up_y - out_h * down_y + pad_y0,
+        )
+        flipped = torch.flip(kernel, [0, 1])
+        grad_x = _Upfirdn2dCuda.apply(grad.contiguous(), flipped, down_x, down_y, up_x, up_y, *grad_pads)
+        return (grad_x,) + (None,) * 9
+
+
 def upfirdn2d(
     x: torch.Tensor,
     kernel: torch.Tensor,
@@ -73,5 +107,10 @@ def upfirdn2d(
     pads = _pair(pad, "pad")
     if len(pads) == 2:
         pads = (pads[0], pads[1], pads[0], pads[1])
-    resolve_impl(impl)  # only "native" exists in this version
+    if kernel.requires_grad:
+        # The compiled op treats the filter as a constant (StyleGAN2's are buffers).
+        if kernel_choice(impl) == "cuda":
+            raise ValueError("the compiled upfirdn2d computes no gradient for the kernel; use impl='native'")
+    elif resolve_impl(impl, x) == "cuda":
+        return _Upfirdn2dCuda.apply(x.contiguous(), kernel, up_x, up_y, down_x, down_y, *pads)
     return _upfirdn2d_native(x, kernel, up_x, up_y, down_x, down_y, *pads)
