@@ -12,6 +12,7 @@ encodes the fixed text features once per run).
 
     python benchmarks/train_steps.py                 # every case, writes benchmarks/RESULTS.md
     python benchmarks/train_steps.py --case stage1 --size 64 --steps 4   # one case, prints JSON
+    python benchmarks/train_steps.py --device cuda --precision bf16      # autocast (see ipltool.precision)
 """
 
 from __future__ import annotations
@@ -51,17 +52,19 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def run_case(case: str, size: int, steps: int, device: str, chunk: int) -> dict:
-    """Run `steps` steps of one case here and return its timings."""
+def run_case(case: str, size: int, steps: int, device: str, chunk: int, precision: str = "fp32") -> dict:
+    """Run `steps` steps of one case here, at `precision`, and return its timings."""
     import torch
 
     from ipltool.domain import parse_domain
     from ipltool.models.clip import PromptEncoder, load_clip
     from ipltool.models.stylegan2 import GeneratorConfig, build_generator
+    from ipltool.precision import Precision
     from ipltool.train.stage1 import train_mapper
     from ipltool.train.stage2 import clip_terms, stage2_step, start_stage2
     from ipltool import registry
 
+    amp = Precision.of(precision, device)  # refuses e.g. bf16 on a GPU without it, before any work
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     source = build_generator(GeneratorConfig(size=size), seed=0).to(device).eval().requires_grad_(False)
@@ -86,9 +89,9 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int) -> dict:
         last = now
 
     if case == "stage1":
-        train_mapper(mapper, source, prompts, domain, chunk=chunk, on_step=tick)
+        train_mapper(mapper, source, prompts, domain, chunk=chunk, on_step=tick, precision=amp)
     else:
-        state = start_stage2(source, domain)
+        state = start_stage2(source, domain, amp)
         terms = clip_terms([(clip, 1.0)], domain)
         last = time.perf_counter()
         for _ in range(steps):
@@ -96,6 +99,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int) -> dict:
     result = {
         "case": case,
         "size": size,
+        "precision": amp.name,
         "batch": domain.mapper.batch if case == "stage1" else domain.adapt.batch,
         "steps": steps,
         "seconds": [round(t, 3) for t in times],
@@ -109,10 +113,10 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int) -> dict:
     return result
 
 
-def write_results(results: list[dict], command: str, device: str) -> Path:
+def write_results(results: list[dict], command: str, device: str, precision: str = "fp32") -> Path:
     """Append a dated section with the figures to benchmarks/RESULTS.md."""
     lines = [
-        f"## Training steps, {date.today().isoformat()}, {device}",
+        f"## Training steps, {date.today().isoformat()}, {device}" + (f", {precision}" if precision != "fp32" else ""),
         "",
         f"Command: `{command}`",
         "",
@@ -136,29 +140,32 @@ def write_results(results: list[dict], command: str, device: str) -> Path:
 
 
 def main() -> None:
+    from ipltool.precision import PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["stage1", "stage2"], help="run one case in this process and print JSON")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="steps per case (the first is not counted)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunk", type=int, default=8, help="images rendered and encoded at once in stage 1")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (default), bf16 or fp16 (autocast, as `ipl adapt --precision`)")
     parser.add_argument("--no-write", action="store_true", help="print the figures without touching RESULTS.md")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.size, args.steps, args.device, args.chunk)))
+        print(json.dumps(run_case(args.case, args.size, args.steps, args.device, args.chunk, args.precision)))
         return
     results = []
     for case, size in CASES:
         cmd = [sys.executable, __file__, "--case", case, "--size", str(size), "--steps", str(args.steps),
-               "--device", args.device, "--chunk", str(args.chunk)]
+               "--device", args.device, "--chunk", str(args.chunk), "--precision", args.precision]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{case} @ {size}: {results[-1]['median_s']} s/step, peak {results[-1]['peak_rss_gb']} GB", flush=True)
     if not args.no_write:
         command = "python benchmarks/train_steps.py" + "".join(
-            f" --{k} {v}" for k, v in (("steps", args.steps), ("device", args.device), ("chunk", args.chunk))
+            f" --{k} {v}" for k, v in (("steps", args.steps), ("device", args.device), ("chunk", args.chunk), ("precision", args.precision))
         )
-        print(f"written to {write_results(results, command, args.device)}")
+        print(f"written to {write_results(results, command, args.device, args.precision)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from ipltool.devices import resolve_device
 from ipltool.domain import Domain, load_domain
 from ipltool.errors import CheckpointError, DomainError, Interrupted, UsageError
 from ipltool.interrupt import graceful_stop
+from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
 from ipltool.train.run import MAPPER_NAME, RunDir
 from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, Models, build_models, load_mapper
@@ -81,6 +82,7 @@ def adapt(
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
     save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
+    precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -113,6 +115,13 @@ def adapt(
         run = RunDir.open(resume)
         resolved, run_table = _domain_of_run(run)
         smoke = bool(run_table.get("smoke"))
+        stored = run_table.get("precision", "fp32")  # runs made before --precision existed are fp32
+        if precision is not None and precision != stored:
+            raise UsageError(
+                f"{run.path} runs in {stored}; --resume cannot switch it to {precision}",
+                hint=f"drop --precision to continue in {stored}",
+            )
+        precision = stored
         if steps is not None and steps != resolved.adapt.steps:
             resolved = resolved.with_overrides({"adapt.steps": steps})
             run.write_config({**resolved.to_toml_dict(), "run": run_table})
@@ -127,6 +136,7 @@ def adapt(
     if ipl and mapper_path is None and (run is None or not run.mapper_path.exists()):
         registry.require("mappers", resolved.mapper.kind)
     device = resolve_device(console.options.device)
+    run_precision = Precision.of(precision, device)
     models = build_models(resolved, device, smoke=smoke)  # fails before any run dir exists
     check_layer_k(resolved, models.source)
 
@@ -136,7 +146,7 @@ def adapt(
         mapper, ckpt = load_mapper(ckpt_source, device)
         _check_mapper(ckpt, resolved, models, ckpt_source)
     if run is None:
-        run_table = {"stage": "adapt", "smoke": smoke, "device": str(device), "save_every": save_every}
+        run_table = {"stage": "adapt", "smoke": smoke, "device": str(device), "save_every": save_every, "precision": run_precision.name}
         if ckpt_source is not None:
             run_table["mapper_from"] = str(ckpt_source)
         run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
@@ -158,10 +168,13 @@ def adapt(
                         raise Interrupted("stopped during stage 1", hint=f"ipl adapt --resume {run.path} trains the mapper again")
 
                 with step_progress(resolved.mapper.steps, "stage 1: mapper") as update1:
-                    run_stage1(resolved, models, run, on_step=stage1_step)
+                    run_stage1(resolved, models, run, on_step=stage1_step, precision=run_precision)
                 mapper, _ = load_mapper(run.mapper_path, device)
         with step_progress(resolved.adapt.steps, f"stage 2: {resolved.adapt.method}") as update2:
-            result = run_stage2(resolved, models, run, mapper, save_every=int(run_table.get("save_every", save_every)), on_step=update2, stop=stop)
+            result = run_stage2(
+                resolved, models, run, mapper, save_every=int(run_table.get("save_every", save_every)), on_step=update2, stop=stop,
+                precision=run_precision,
+            )
 
     if console.wants_json(json_output):
         console.print_json(
@@ -174,6 +187,7 @@ def adapt(
                 "resumed_from": result.resumed_from,
                 "last": result.last,
                 "smoke": smoke,
+                "precision": run_precision.name,
             }
         )
     else:

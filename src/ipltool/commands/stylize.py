@@ -18,6 +18,7 @@ from ipltool.invert.inputs import check_output_dir, collect_photos
 from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE, Layout, Manifest, is_done
 from ipltool.invert.stylize import Stylizer, StylizeOptions, groups
 from ipltool.invert.targets import load_targets, plan_targets
+from ipltool.precision import Precision, precision_option
 from ipltool.train.setup import SMOKE_NOTE
 
 #: Encoder input size of the tiny random encoders of `--smoke`.
@@ -82,6 +83,7 @@ def stylize(
     save_latents: bool = typer.Option(False, "--save-latents", help="Save the W+ codes to latents/<name>.pt."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip photos the manifest in --out already records as done."),
     batch: int = typer.Option(4, "--batch", min=1, help="Faces per encoder and generator call."),
+    precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random encoder and generators with the real face alignment: an install check."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -122,6 +124,7 @@ def stylize(
 
         detector = FaceDetector(landmarks, min_score=min_score).load()  # a missing dlib or predictor fails now, not per photo
     device = resolve_device(console.options.device)
+    run_precision = Precision.of(precision, device)
     inverter = _load_inverter(encoder, weights, smoke, options, device)
     targets = load_targets(planned, device, inverter.decoder)
     if not targets:
@@ -143,7 +146,10 @@ def stylize(
         inverter,
         targets,
         layout,
-        StylizeOptions(all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask, save_latents=save_latents, batch=batch, minmax=minmax),
+        StylizeOptions(
+            all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
+            save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
+        ),
         device,
         detector,
     )
@@ -188,6 +194,7 @@ def _summary(stylizer: Stylizer, kept: list[dict], total: int, seconds: float, l
         "seconds": round(seconds, 3),
         "photos_per_second": round(rate, 3),
         "contact_sheets": sheets,
+        "precision": stylizer.options.precision.name,
     }
     if console.wants_json(json_output):
         console.print_json(summary)

@@ -11,6 +11,7 @@ from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
 from ipltool.devices import resolve_device
 from ipltool.domain import load_domain
+from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
 from ipltool.train.run import RunDir
 from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
@@ -28,6 +29,7 @@ def train_mapper(
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
+    precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
     json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -41,13 +43,17 @@ def train_mapper(
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     registry.require("mappers", resolved.mapper.kind)  # fail before any run dir exists
     device = resolve_device(console.options.device)
+    run_precision = Precision.of(precision, device)
     models = build_models(resolved, device, smoke=smoke)
-    config = {**resolved.resolved().to_toml_dict(), "run": {"stage": "mapper", "smoke": smoke, "device": str(device)}}
+    run_table = {"stage": "mapper", "smoke": smoke, "device": str(device), "precision": run_precision.name}
+    config = {**resolved.resolved().to_toml_dict(), "run": run_table}
     run = RunDir.create(out, resolved.name, config)
     console.info(f"run directory: {run.path}")
     with step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
-        last = run_stage1(resolved, models, run, chunk=chunk, on_step=update)
+        last = run_stage1(resolved, models, run, chunk=chunk, on_step=update, precision=run_precision)
     if console.wants_json(json_output):
-        console.print_json({"run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": last, "smoke": smoke})
+        console.print_json(
+            {"run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": last, "smoke": smoke, "precision": run_precision.name}
+        )
     else:
         console.out.print(f"mapper written to {run.mapper_path}")

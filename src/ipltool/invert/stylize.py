@@ -22,6 +22,7 @@ from ipltool.images import UnreadableImage, load_rgb, to_pil, to_tensor
 from ipltool.invert.inputs import Photo
 from ipltool.invert.outputs import ERROR, NO_FACE, OK, UNREADABLE, ContactSheet, Layout, Manifest, encoded, png_bytes
 from ipltool.invert.targets import Target
+from ipltool.precision import FP32, Precision
 
 
 @dataclass
@@ -35,6 +36,7 @@ class StylizeOptions:
     save_latents: bool = False
     batch: int = 4  # faces per encoder / generator call
     minmax: bool = False  # quirk of the thesis code: per-image min-max stretch of the outputs
+    precision: Precision = FP32  # autocast of the encoder and the generators; outputs are float32
 
 
 @dataclass
@@ -71,11 +73,12 @@ def _picture(image: torch.Tensor, minmax: bool) -> Image.Image:
     return to_pil(image)
 
 
-def _render(generator, codes: torch.Tensor, batch: int) -> torch.Tensor:
-    """`codes` (N, n_latent, D) through `generator` with its constant noise, in batches; (N, 3, H, W) on the CPU."""
+def _render(generator, codes: torch.Tensor, batch: int, precision: Precision = FP32) -> torch.Tensor:
+    """`codes` (N, n_latent, D) through `generator` with its constant noise, in batches; (N, 3, H, W) float32 on the CPU."""
     out = []
     for chunk in codes.split(batch):
-        images, _ = generator([chunk], input_is_latent=True, randomize_noise=False)
+        with precision.autocast():
+            images, _ = generator([chunk], input_is_latent=True, randomize_noise=False)
         out.append(images.float().cpu())
     return torch.cat(out)
 
@@ -198,12 +201,17 @@ class Stylizer:
         return records
 
     def _run_models(self, faces: list[PreparedFace]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = self.options.batch
+        batch, precision = self.options.batch, self.options.precision
         inputs = torch.stack([f.encoder_input for f in faces])
-        codes = torch.cat([self.inverter.invert(chunk.to(self.device)).float() for chunk in inputs.split(batch)])
-        rendered = {"reconstruction": _render(self.inverter.decoder, codes, batch)}
+        codes = []
+        for chunk in inputs.split(batch):
+            with precision.autocast():
+                code = self.inverter.invert(chunk.to(self.device))
+            codes.append(code.float())  # the generators and --save-latents get float32 codes
+        codes = torch.cat(codes)
+        rendered = {"reconstruction": _render(self.inverter.decoder, codes, batch, precision)}
         for target in self.targets:
-            rendered[target.label] = _render(target.generator, codes, batch)
+            rendered[target.label] = _render(target.generator, codes, batch, precision)
         return codes.cpu(), rendered
 
     def _write(self, item: PreparedPhoto, codes: torch.Tensor, rendered: dict[str, torch.Tensor]) -> None:
@@ -227,6 +235,7 @@ class Stylizer:
             outputs.append(entry)
             self.sheet.add(row)
         record["outputs"] = outputs
+        record["precision"] = self.options.precision.name
         if self.options.paste_back and item.image is not None:
             from ipltool.invert.align import paste_back
 
@@ -246,6 +255,7 @@ class Stylizer:
                 {
                     "w_plus": codes.clone(),
                     "encoder": self.inverter.name,
+                    "precision": self.options.precision.name,  # the codes themselves are float32
                     "input": str(item.photo.path),
                     "faces": [face.rect for face in item.faces],
                 },

@@ -222,7 +222,9 @@ class NoiseInjection(nn.Module):
         if noise is None:
             batch, _, height, width = image.shape
             noise = image.new_empty(batch, 1, height, width).normal_()
-        return image + self.weight * noise
+        # In the image's dtype: under autocast the float32 weight would otherwise turn
+        # every bf16/fp16 activation after it back into float32 (a no-op in fp32).
+        return image + (self.weight * noise).to(image.dtype)
 
 
 class ConstantInput(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from ipltool.domain import Domain
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
+from ipltool.precision import FP32, Precision, backward_step
 from ipltool.train import losses
 from ipltool.train.text import TextFeatures
 
@@ -108,19 +109,23 @@ def stage1_loss(
     image_features: torch.Tensor,
     targets: Stage1Targets,
     domain: Domain,
+    precision: Precision = FP32,
 ) -> Stage1Loss:
     """`L_con + lambda_l * (L_tgt + lambda_src * L_src + lambda_custom * L_cus)` (spec section 1).
 
     Args:
         P: (B, n_ctx, d) prompt vectors the mapper wrote for the batch.
         prompts: the learned-prompt encoder of the first CLIP model.
-        image_features: (B, D) normalised features of the same latents' images.
+        image_features: (B, D) normalised float32 features of the same latents' images.
         targets: the fixed text features (`stage1_targets`).
         domain: labels and loss weights.
+        precision: the text tower runs under its autocast; the loss terms are float32.
     """
     batch = P.shape[0]
     # Source and target prompts go through the text tower in one call.
-    u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch).float()
+    with precision.autocast():
+        u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch)
+    u = u.float()
     s = losses.prompt_features(u[:batch], targets.add_source)
     t = losses.prompt_features(u[batch:], targets.add_target)
     loss_cfg = domain.loss
@@ -150,24 +155,29 @@ def stage1_step(
     domain: Domain,
     batch: int,
     chunk: int = 8,
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One optimisation step of the mapper; returns the loss terms.
 
     Random draws, in the reference's order: z (B, style_dim); the mapper's own
     randomness (dropout of transformer mappers); the per-layer image noise.
+    The mapper, the rendering and CLIP run under `precision`'s autocast (the mapping
+    network stays float32: w is also the mapper's input); the backward pass and the
+    step go through `scaler` (None: `precision.scaler()`, enabled for fp16 only).
     """
     device = next(mapper.parameters()).device
     z = torch.randn(batch, generator.style_dim, device=device)
     with torch.no_grad():
         w = generator.mapping(z)
     mapper.train()
-    P = mapper(w)
-    noise = draw_noise(generator, batch, device)
-    image_features = encode_generated(generator, w, prompts.clip, noise, chunk)
-    result = stage1_loss(P, prompts, image_features, targets, domain)
+    with precision.autocast():
+        P = mapper(w)
+        noise = draw_noise(generator, batch, device)
+        image_features = encode_generated(generator, w, prompts.clip, noise, chunk)
+    result = stage1_loss(P, prompts, image_features, targets, domain, precision)
     optimizer.zero_grad(set_to_none=True)
-    result.total.backward()
-    optimizer.step()
+    backward_step(result.total, optimizer, scaler if scaler is not None else precision.scaler())
     return result.terms
 
 
@@ -179,6 +189,7 @@ def train_mapper(
     steps: int | None = None,
     chunk: int = 8,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    precision: Precision = FP32,
 ) -> torch.optim.Optimizer:
     """Train `mapper` for `steps` (default `domain.mapper.steps`) with Adam(lr from the domain).
 
@@ -192,14 +203,16 @@ def train_mapper(
         steps: number of steps.
         chunk: images rendered at once.
         on_step: called as `on_step(step, terms)` after every step (1-based step).
+        precision: autocast of the forward passes; fp16 adds one loss scaler for the run.
 
     Returns:
         The optimizer (its state goes into the mapper checkpoint).
     """
     targets = stage1_targets(TextFeatures(prompts.clip), domain)
     optimizer = torch.optim.Adam(mapper.parameters(), lr=domain.mapper.lr)
+    scaler = precision.scaler()
     for step in range(1, (steps or domain.mapper.steps) + 1):
-        terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, domain.mapper.batch, chunk)
+        terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, domain.mapper.batch, chunk, precision, scaler)
         if on_step is not None:
             on_step(step, terms)
     return optimizer

@@ -9,6 +9,10 @@ StyleGAN-NADA's single template direction.
 Random draws follow the reference order within a step: the batch z (two per sample
 when style mixing fires); the layer choice's z and noise; the noise of `G_s`; the
 noise of `G_t`.
+
+Under `--precision bf16|fp16` the generators, CLIP and the mapper run under autocast
+(`ipltool.precision`); the mapping network, the loss terms, the optimizer and the EMA
+stay float32, and fp16 scales the losses of the step and of the layer choice.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ipltool.domain import Domain
 from ipltool.errors import UsageError
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
+from ipltool.precision import FP32, Precision, backward_step
 from ipltool.train import losses
 from ipltool.train.stage1 import draw_noise
 from ipltool.train.text import TextFeatures
@@ -88,6 +93,12 @@ def draw_latents(batch: int, dim: int, mixing: float, device: torch.device) -> l
     return [torch.randn(batch, dim, device=device)]
 
 
+def _features(clip: Clip, images: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """CLIP image features (B, D) of `images`, encoded under `precision`'s autocast, as float32 for the losses."""
+    with precision.autocast():
+        return clip.encode_image(images).float()
+
+
 # ----------------------------------------------------------------------------
 # Adaptive layer choice
 
@@ -99,6 +110,8 @@ def choose_layers(
     k: int,
     iters: int,
     batch: int,
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[int]:
     """Pick the `k` W+ indices whose codes move most when optimised towards the target text.
 
@@ -106,24 +119,31 @@ def choose_layers(
     w alone, minimising the weighted CLIP global loss of `trainable(w)` (random noise);
     3. score each index by `mean |w - w0|` over batch and channels; 4. top k.
     Only w is differentiated: no gradient is computed for the generator or CLIP.
+    The synthesis and CLIP run under `precision`'s autocast, the loss in float32;
+    `scaler` (None: `precision.scaler()`) scales it for fp16.
 
     Returns:
         The chosen W+ indices (see `Generator.layer_for_style_index`).
     """
     device = source.input.input.device
+    scaler = scaler if scaler is not None else precision.scaler()
     z = torch.randn(batch, source.style_dim, device=device)
     with torch.no_grad():
         w0 = source.to_w_plus([source.mapping(z)])
     w = w0.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([w], lr=LAYER_CHOICE_LR)
     for _ in range(iters):
-        images = trainable.synthesis(w, draw_noise(trainable, batch, device))
+        with precision.autocast():
+            images = trainable.synthesis(w, draw_noise(trainable, batch, device))
         loss = sum(
-            t.weight * losses.global_clip_loss(t.clip.encode_image(images).float(), t.target_label, t.clip.logit_scale)
+            t.weight * losses.global_clip_loss(_features(t.clip, images, precision), t.target_label, t.clip.logit_scale)
             for t in terms
         )
-        (w.grad,) = torch.autograd.grad(loss, [w])
-        optimizer.step()
+        # Only w is differentiated, so the scaled gradient is set by hand; the scaler
+        # unscales it and skips the step when it overflowed (a no-op unless fp16).
+        (w.grad,) = torch.autograd.grad(scaler.scale(loss), [w])
+        scaler.step(optimizer)
+        scaler.update()
     scores = (w.detach() - w0).abs().mean(dim=-1).mean(dim=0)
     return torch.topk(scores, k).indices.tolist()
 
@@ -184,20 +204,25 @@ class Stage2State:
     optimizer: torch.optim.Optimizer
     step: int = 0
     fixed_z: torch.Tensor | None = None
+    precision: Precision = FP32
+    scaler: torch.amp.GradScaler | None = None  # the step's loss scaling (enabled for fp16 only)
+    layer_scaler: torch.amp.GradScaler | None = None  # the layer choice's, which has its own loss
 
 
-def start_stage2(source: Generator, domain: Domain) -> Stage2State:
+def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32) -> Stage2State:
     """Copy G_s into G_t and G_ema, build the optimizer, and draw the fixed sample z's.
 
     The fixed z's are drawn first, as in the reference, so the training draws that
-    follow match it for the same seed.
+    follow match it for the same seed. `precision` sets the autocast of every step and
+    provides its loss scalers.
     """
     device = source.input.input.device
     fixed_z = torch.randn(domain.adapt.n_sample, source.style_dim, device=device)
     trainable = copy.deepcopy(source).train()
     ema = copy.deepcopy(source).eval().requires_grad_(False)
     trainable.requires_grad_(True)
-    return Stage2State(trainable, ema, make_optimizer(trainable, domain.adapt.lr), 0, fixed_z)
+    optimizer = make_optimizer(trainable, domain.adapt.lr)
+    return Stage2State(trainable, ema, optimizer, 0, fixed_z, precision, precision.scaler(), precision.scaler())
 
 
 def text_directions(term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -231,6 +256,7 @@ def stage2_step(
             (both None for method "nada").
     """
     cfg = domain.adapt
+    precision = state.precision
     device = source.input.input.device
     batch = cfg.batch
     zs = draw_latents(batch, source.style_dim, cfg.mixing, device)
@@ -239,25 +265,31 @@ def stage2_step(
         learned = None
         if mapper is not None:
             mapper.eval()
-            P = mapper(ws[0])  # with style mixing, the prompts follow the first style
-            u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch).float()
+            with precision.autocast():
+                P = mapper(ws[0])  # with style mixing, the prompts follow the first style
+                u = prompts.encode(torch.cat([P, P]), [domain.source] * batch + [domain.target] * batch)
+            u = u.float()
             learned = (u[:batch], u[batch:])
 
     chosen = None
     if cfg.auto_layer_iters > 0:
-        chosen = choose_layers(source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch)
+        chosen = choose_layers(
+            source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch,
+            precision, state.layer_scaler,
+        )
     train_only(state.trainable, chosen)
 
     w_plus = source.to_w_plus(ws)  # one crossover index, shared by G_s and G_t
-    with torch.no_grad():
-        x_s = source.synthesis(w_plus, draw_noise(source, batch, device))
-    x_t = state.trainable.synthesis(w_plus, draw_noise(state.trainable, batch, device))
+    with precision.autocast():
+        with torch.no_grad():
+            x_s = source.synthesis(w_plus, draw_noise(source, batch, device))
+        x_t = state.trainable.synthesis(w_plus, draw_noise(state.trainable, batch, device))
 
     loss = torch.zeros((), device=device)
     record: dict = {}
     for i, term in enumerate(terms):
-        f_s = term.clip.encode_image(x_s).float()
-        f_t = term.clip.encode_image(x_t).float()
+        f_s = _features(term.clip, x_s, precision)
+        f_t = _features(term.clip, x_t, precision)
         directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned))
         model_loss = domain.loss.lambda_direction * directional
         record[f"directional_{i}"] = directional.item()
@@ -268,8 +300,7 @@ def stage2_step(
         loss = loss + term.weight * model_loss
 
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.optimizer.step()
+    backward_step(loss, state.optimizer, state.scaler if state.scaler is not None else precision.scaler())
     update_ema(state.ema, state.trainable, cfg.ema)
     state.step += 1
     record["loss"] = loss.item()

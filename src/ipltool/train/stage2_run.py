@@ -1,8 +1,8 @@
 """A complete stage-2 run: seeding, the loop, samples, resume state and the adapted checkpoint.
 
-Resume is exact: `state.pt` holds G_t, G_ema, the optimizer, the fixed z's, the step
-and every random generator's state, and nothing outside the training steps draws
-from those generators. A run resumed from step k therefore ends with the weights an
+Resume is exact: `state.pt` holds G_t, G_ema, the optimizer, the fixed z's, the step,
+the fp16 loss scalers and every random generator's state, and nothing outside the
+training steps draws from those generators. A run resumed from step k therefore ends with the weights an
 uninterrupted run with the same seed reaches on the same device.
 """
 
@@ -20,6 +20,7 @@ from ipltool.errors import Interrupted, UsageError
 from ipltool.images import find_images, load_rgb, to_tensor
 from ipltool.interrupt import StopRequest
 from ipltool.models.stylegan2 import generator_checkpoint
+from ipltool.precision import FP32, Precision
 from ipltool.train.run import RunDir, atomic_torch_save, capture_rng_state, restore_rng_state
 from ipltool.train.samples import SampleGrid
 from ipltool.train.setup import Models
@@ -37,18 +38,26 @@ class Stage2Result:
     resumed_from: int = 0
 
 
+def _scalers(state: Stage2State) -> dict:
+    """The enabled loss scalers of `state` by their `state.pt` key (none unless fp16)."""
+    scalers = {"step": state.scaler, "layer_choice": state.layer_scaler}
+    return {key: scaler for key, scaler in scalers.items() if scaler is not None and scaler.is_enabled()}
+
+
 def _save(run: RunDir, state: Stage2State) -> None:
-    run.save_state(
-        {
-            "stage": STAGE,
-            "step": state.step,
-            "trainable": state.trainable.state_dict(),
-            "ema": state.ema.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "fixed_z": state.fixed_z,
-            "rng": capture_rng_state(),
-        }
-    )
+    saved = {
+        "stage": STAGE,
+        "step": state.step,
+        "trainable": state.trainable.state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "fixed_z": state.fixed_z,
+        "rng": capture_rng_state(),
+    }
+    scalers = _scalers(state)
+    if scalers:
+        saved["scalers"] = {key: scaler.state_dict() for key, scaler in scalers.items()}
+    run.save_state(saved)
 
 
 def _restore(run: RunDir, state: Stage2State) -> bool:
@@ -62,6 +71,10 @@ def _restore(run: RunDir, state: Stage2State) -> bool:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.fixed_z = saved["fixed_z"].to(device)
     state.step = int(saved["step"])
+    # States saved before --precision existed (or by fp32/bf16 runs) have no scalers.
+    for key, scaler in _scalers(state).items():
+        if key in saved.get("scalers", {}):
+            scaler.load_state_dict(saved["scalers"][key])
     restore_rng_state(saved["rng"])
     return True
 
@@ -82,6 +95,7 @@ def run_stage2(
     save_every: int = 50,
     on_step: Callable[[int, dict], None] | None = None,
     stop: StopRequest | None = None,
+    precision: Precision = FP32,
 ) -> Stage2Result:
     """Adapt the generator, continuing from `run/state.pt` when it holds a stage-2 state.
 
@@ -93,6 +107,8 @@ def run_stage2(
     Args:
         mapper: the stage-1 mapper (None for method "nada").
         on_step: called as `on_step(step, terms)` after each step.
+        precision: autocast and loss scaling of the steps (the run's stored precision
+            when resuming); sample grids always render in float32.
     """
     cfg = domain.adapt
     check_layer_k(domain, models.source)
@@ -100,7 +116,7 @@ def run_stage2(
     if cfg.style_images is not None:
         _use_style_images(terms, models, domain)
     torch.manual_seed(cfg.seed)
-    state = start_stage2(models.source, domain)
+    state = start_stage2(models.source, domain, precision)
     resumed = _restore(run, state)
     if state.step > cfg.steps:
         raise UsageError(

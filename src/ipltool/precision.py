@@ -1,0 +1,139 @@
+"""`--precision fp32|bf16|fp16`: which arithmetic the networks run in, decided in one place.
+
+fp32 is the default and the precision the paper's numbers are defined in: it runs no
+autocast and no loss scaling, so its results are bit-identical to a build without
+this option. bf16 and fp16 run the generators, CLIP and the mapper under
+`torch.autocast`; parameters, optimizer states, losses and the EMA stay float32
+(autocast never changes a parameter's dtype). fp16 adds a `GradScaler`, because small
+gradients underflow in half precision; bf16 has fp32's exponent range and needs none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import ContextManager
+
+import torch
+
+from ipltool.errors import UsageError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Help of the option, identical in every command that has it.
+PRECISION_HELP = (
+    "fp32 (default; the paper's numbers), bf16 or fp16: autocast for the networks, "
+    "losses and the EMA stay in fp32, fp16 adds loss scaling."
+)
+
+
+def check_precision(name: str | None) -> str:
+    """Validate a precision name; None means the default, fp32.
+
+    Raises:
+        UsageError: not one of `PRECISIONS`.
+    """
+    if name is None:
+        return "fp32"
+    value = name.strip().lower()
+    if value not in PRECISIONS:
+        raise UsageError(f"invalid precision {name!r}", hint=f"use {', '.join(PRECISIONS)}")
+    return value
+
+
+def _check_supported(name: str, device: torch.device) -> None:
+    """Refuse a reduced precision the installed torch cannot autocast to on `device`."""
+    if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"this CUDA device does not support bf16 (device {device})", hint="use --precision fp16 (or fp32)")
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise UsageError(f"torch {torch.__version__} has no autocast for {device.type}", hint="use --precision fp32")
+    # torch disables autocast with a warning (or raises) for a dtype a backend lacks;
+    # asking it is safer than keeping our own table of what each backend supports.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        try:
+            torch.autocast(device.type, dtype=_DTYPES[name])
+        except (RuntimeError, UserWarning) as err:
+            reason = str(err).splitlines()[0]
+            raise UsageError(f"--precision {name} is not supported on {device.type}: {reason}", hint="use --precision fp32") from None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A checked precision for one device. Build it with `Precision.of`.
+
+    Attributes:
+        name: "fp32", "bf16" or "fp16".
+        device_type: `torch.device.type` of the models ("cpu", "cuda", "mps").
+    """
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+
+    @classmethod
+    def of(cls, name: str | None, device: torch.device | str) -> Precision:
+        """The precision `name` (None: fp32) on `device`.
+
+        Raises:
+            UsageError: an unknown name, or a reduced precision `device` cannot autocast to
+                (bf16 on a CUDA GPU without bf16, a backend torch has no autocast for).
+        """
+        name = check_precision(name)
+        device = torch.device(device)
+        if name != "fp32":
+            _check_supported(name, device)
+        return cls(name, device.type)
+
+    @property
+    def reduced(self) -> bool:
+        """True for bf16 and fp16 (autocast on)."""
+        return self.name != "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype autocast computes in (float32 for fp32)."""
+        return _DTYPES.get(self.name, torch.float32)
+
+    def autocast(self) -> ContextManager:
+        """Context for network forward passes: `torch.autocast` for bf16/fp16, a no-op for fp32.
+
+        Loss terms belong outside it: autocast would run their matmuls in the reduced dtype.
+        """
+        if not self.reduced:
+            return contextlib.nullcontext()  # not even a disabled autocast: fp32 stays the untouched path
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """A `GradScaler`, enabled for fp16 only; disabled it passes losses and steps through unchanged."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+#: The default: no autocast, no loss scaling.
+FP32 = Precision()
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """`loss.backward(); optimizer.step()`, through `scaler` (which only acts when enabled, for fp16).
+
+    The caller zeroes the gradients first, as before.
+    """
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skipped by an enabled scaler when a gradient is inf/NaN
+    scaler.update()
+
+
+def _option_value(value: str | None) -> str | None:
+    return None if value is None else check_precision(value)
+
+
+def precision_option():
+    """The `--precision` typer option: the same help in every command, validated while parsing.
+
+    Its value is the checked name, or None when the flag is absent (the default, fp32),
+    so `ipl adapt --resume` can tell an explicit flag from the default.
+    """
+    import typer
+
+    return typer.Option(None, "--precision", help=PRECISION_HELP, show_default=False, callback=_option_value)
