@@ -260,8 +260,11 @@ def test_successful_build_is_moved_into_place_and_reused(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpp_extension, "load", load)
     target = build.build_target("8.0;9.0")
+    stale = target.path.parent / f".{target.path.name}-killed"  # staging of a build killed earlier
+    (stale / "sub").mkdir(parents=True)
     lines = []
     assert build.compile_kernels(target, announce=lines.append) == "fresh module"
+    assert not stale.exists()
     assert seen["arch_env"] == "8.0;9.0" and "TORCH_CUDA_ARCH_LIST" not in os.environ
     assert seen["name"] == build.NAME and Path(seen["build_directory"]) != target.path
     assert target.library.read_bytes() == b"binary"
@@ -274,6 +277,22 @@ def test_successful_build_is_moved_into_place_and_reused(monkeypatch, tmp_path):
     assert build.compile_kernels(target, announce=lines.append) == f"cached {target.key}"
     assert build.clear_cache() == len(b"binary")
     assert not build.cache_root().exists()
+
+
+def test_interrupted_build_leaves_no_staging_folder(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    _fake_toolkit(monkeypatch, tmp_path)
+
+    def load(**kwargs):
+        Path(kwargs["build_directory"], "partial.o").write_text("")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    target = build.build_target("9.0")
+    with pytest.raises(KeyboardInterrupt):
+        build.compile_kernels(target, announce=lambda line: None)
+    assert [p for p in target.path.parent.iterdir() if p.is_dir()] == []
 
 
 def test_torch_without_cuda_is_named(monkeypatch):

@@ -215,12 +215,15 @@ def compile_kernels(
                 "no CUDA toolkit (nvcc) found to compile the kernels",
                 hint=f"install the CUDA toolkit for torch's CUDA {torch.version.cuda} and set CUDA_HOME, or set IPL_KERNELS=native",
             )
+        # Under the lock, any staging folder of this key is left from a killed build.
+        for stale in target.path.parent.glob(f".{target.path.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.path.name}-", dir=target.path.parent))
         announce(f"compiling the CUDA kernels for sm {target.archs} with {home} (first use, a minute or two)...")
         started = time.perf_counter()
         try:
             module = _run_build(target, staging, home, verbose)
-        except KernelBuildError:
+        except BaseException:  # a failed build, or Ctrl-C during one
             shutil.rmtree(staging, ignore_errors=True)
             raise
         os.replace(staging, target.path)
@@ -230,7 +233,17 @@ def compile_kernels(
 
 
 def _run_build(target: BuildTarget, staging: Path, home: Path, verbose: bool) -> ModuleType:
-    from torch.utils import cpp_extension
+    import logging
+
+    # On import, cpp_extension logs its own toolkit guess, which is replaced just below
+    # and would only mislead.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
 
     # cpp_extension reads the toolkit location once, at import; point it at the one found.
     cpp_extension.CUDA_HOME = str(home)
