@@ -246,6 +246,16 @@ def test_failed_build_keeps_the_log_and_leaves_no_folder(monkeypatch, tmp_path):
     assert [p.name for p in target.path.parent.iterdir() if p.is_dir()] == []  # no staging folder left
     assert len(lines) == 1 and "compiling the CUDA kernels" in lines[0]
 
+    # The next run reports the failure at once instead of compiling for minutes again...
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("retried a failed build"))
+    with pytest.raises(KernelBuildError, match="an earlier build of the CUDA kernels failed: ops.cu") as info:
+        build.compile_kernels(target, announce=lines.append)
+    assert "ipl kernels build" in info.value.hint
+    # ...until it is asked to retry, as `ipl kernels build` does.
+    monkeypatch.setattr(cpp_extension, "load", load)
+    with pytest.raises(KernelBuildError, match="compiling the CUDA kernels failed"):
+        build.compile_kernels(target, announce=lines.append, retry_failed=True)
+
 
 def test_successful_build_is_moved_into_place_and_reused(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
@@ -341,9 +351,9 @@ def test_kernels_info_explains_the_cpu_case(run_cli, monkeypatch):
 
 def test_kernels_build_and_clear_commands(run_cli, monkeypatch):
     compiled = []
-    monkeypatch.setattr(build, "compile_kernels", lambda target, verbose=False: compiled.append((target.archs, verbose)))
+    monkeypatch.setattr(build, "compile_kernels", lambda target, verbose=False, retry_failed=False: compiled.append((target.archs, verbose, retry_failed)))
     code, out, _ = run_cli("kernels", "build", "--arch", "9.0", "--verbose")
-    assert code == 0 and compiled == [("9.0", True)] and "kernels for sm 9.0 built" in out
+    assert code == 0 and compiled == [("9.0", True, True)] and "kernels for sm 9.0 built" in out
     target = build.build_target("9.0")
     target.path.mkdir(parents=True)
     target.library.write_bytes(b"12345")

@@ -98,13 +98,14 @@ def build_command(
     """Compile the kernels now (for example in a container image) instead of on first use.
 
     Works without a GPU when the architectures are given (--arch or TORCH_CUDA_ARCH_LIST).
-    A build that already exists in the cache is reused.
+    A build that already exists in the cache is reused; one that failed before is retried
+    (other commands only report the earlier failure, to avoid a long failing build per run).
     """
     if arch is not None and not arch.strip():
         raise UsageError("--arch is empty", hint="e.g. --arch 9.0")
     target = build.build_target(arch.strip() if arch else None)
     was_built = target.library.is_file()
-    build.compile_kernels(target, verbose=verbose)
+    build.compile_kernels(target, verbose=verbose, retry_failed=True)
     if console.wants_json(json_output):
         console.print_json({"build": str(target.path), "archs": target.archs, "reused": was_built})
     else:

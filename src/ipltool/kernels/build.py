@@ -176,14 +176,20 @@ def compile_kernels(
     target: BuildTarget | None = None,
     verbose: bool = False,
     announce: Callable[[str], None] | None = None,
+    retry_failed: bool = False,
 ) -> ModuleType:
     """Import the kernels of `target` (default: this machine's), compiling them first if needed.
+
+    A build that failed before is not retried on every run (it would cost minutes each
+    time): its log stays beside the cache folder, and later runs report that failure
+    at once until `retry_failed` (`ipl kernels build`) or `ipl kernels clear`.
 
     Args:
         target: which build (see `build_target`).
         verbose: show the compiler commands and output.
         announce: receives the one status line printed around a compilation
             (default: `ipltool.console.info`).
+        retry_failed: compile even when the last attempt for `target` failed.
 
     Returns:
         The extension module (`bias_act`, `bias_act_grad`, `upfirdn2d`).
@@ -209,6 +215,11 @@ def compile_kernels(
     with FileLock(str(target.path) + ".lock"):
         if target.library.is_file():
             return _import(target)
+        if target.log.is_file() and not retry_failed:
+            raise KernelBuildError(
+                f"an earlier build of the CUDA kernels failed: {_failure_summary(target.log.read_text())}",
+                hint=f"fix the cause (log: {target.log}), then retry with `ipl kernels build`; or set IPL_KERNELS=native",
+            )
         home = find_cuda_home()
         if home is None:
             raise KernelBuildError(
