@@ -253,7 +253,11 @@ DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-
 
 
 @pytest.fixture
-def cuda_ops():
+def cuda_ops(monkeypatch):
+    # The native ops' convolutions would otherwise run in TF32 on Ampere and later GPUs,
+    # a 10-bit mantissa: the comparisons below are against true fp32.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     os.environ.pop("IPL_KERNELS", None)
     return build.extension()
 
@@ -300,7 +304,10 @@ def test_gpu_bias_act_on_config_f_shapes(cuda_ops, dtype):
         grad = torch.randn_like(native)
         fast_grads = torch.autograd.grad(fast, (x, bias), grad.to(dtype))
         native_grads = torch.autograd.grad(native, (x32, b32), grad)
-        torch.testing.assert_close(fast_grads[0].float(), native_grads[0], rtol=tol, atol=tol)
+        # Where x + b is within rounding of 0, the output can round to 0 in fp16 and the
+        # slope side is taken: the same inherent ambiguity as at 0 itself, so left out.
+        decided = (x32.detach() + b32.detach().view(-1, *([1] * (x.ndim - 2)))).abs() > 1e-3
+        torch.testing.assert_close(fast_grads[0].float()[decided], native_grads[0][decided], rtol=tol, atol=tol)
         # The bias gradient sums many elements; compare relative to its size.
         scale = native_grads[1].abs().max().item() + 1
         torch.testing.assert_close(fast_grads[1].float(), native_grads[1], rtol=tol, atol=tol * scale * 10)
