@@ -361,3 +361,21 @@ def test_kernels_build_and_clear_commands(run_cli, monkeypatch):
     assert code == 0 and "removed 5 B" in out and not target.path.exists()
     code, _, err = run_cli("kernels", "build", "--arch", " ")
     assert code == 2 and "--arch is empty" in err
+
+
+def test_strict_cuda_fails_before_a_run_directory_exists(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run_cli("--kernels", "cuda", "adapt", "--domain", "disney", "--smoke", "--out", str(tmp_path / "runs"))
+    assert code == 2 and "this run is on cpu" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_strict_cuda_builds_up_front_on_a_gpu(monkeypatch):
+    from ipltool.kernels.dispatch import check_device
+
+    monkeypatch.setenv("IPL_KERNELS", "cuda")
+    monkeypatch.setattr(build, "extension", _failing_build())
+    with pytest.raises(KernelBuildError):
+        check_device(torch.device("cuda", 0))
+    monkeypatch.setenv("IPL_KERNELS", "auto")
+    check_device(torch.device("cuda", 0))  # auto builds lazily, on the first CUDA op

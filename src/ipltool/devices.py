@@ -32,10 +32,10 @@ def resolve_device(spec: str = "auto"):
     value = check_device_spec(spec)
     if value == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _checked(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+            return _checked(torch.device("mps"))
+        return _checked(torch.device("cpu"))
     if value.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError(f"device {value} requested but CUDA is not available", hint="use --device cpu (or auto)")
@@ -44,4 +44,12 @@ def resolve_device(spec: str = "auto"):
             raise UsageError(f"device {value} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if value == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise UsageError("device mps requested but MPS is not available", hint="use --device cpu (or auto)")
-    return torch.device(value)
+    return _checked(torch.device(value))
+
+
+def _checked(device):
+    """`device`, once the kernel choice is known to hold for it (`IPL_KERNELS=cuda` off the GPU fails here)."""
+    from ipltool.kernels.dispatch import check_device
+
+    check_device(device)
+    return device

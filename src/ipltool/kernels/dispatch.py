@@ -93,6 +93,27 @@ def resolve_impl(impl: str | None = None, x=None) -> str:
     return "cuda"
 
 
+def check_device(device) -> None:
+    """Fail before any work when `IPL_KERNELS=cuda` cannot hold for a run on `device`.
+
+    With `cuda`, a run off the GPU is refused and the kernels are built (or loaded) now,
+    so a build failure stops the command before it creates a run directory. `auto` and
+    `native` need nothing up front.
+
+    Raises:
+        UsageError: `cuda` with a device that is not a CUDA device.
+        KernelBuildError: `cuda` and the kernels cannot be built.
+    """
+    if kernel_choice() != "cuda":
+        return
+    if getattr(device, "type", str(device)) != "cuda":
+        raise UsageError(
+            f"{ENV_VAR}=cuda: the compiled kernels run on CUDA tensors, this run is on {device}",
+            hint="run on a GPU (--device cuda), or use IPL_KERNELS=auto",
+        )
+    build.extension()
+
+
 def reset_warning() -> None:
     """Allow the fallback warning to be printed again (for tests)."""
     global _warned
