@@ -34,3 +34,20 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def stage2_models():
+    """(source generator, CLIP, prompt encoder, untrained mlp mapper): the tiny random networks of stage 2."""
+    import torch
+
+    from ipltool import registry
+    from ipltool.models.clip import PromptEncoder, load_clip
+    from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
+
+    clip = load_clip("tiny")
+    source = build_generator(TINY_CONFIG, seed=0, noise_strength=0.1).eval().requires_grad_(False)
+    prompts = PromptEncoder(clip, "a photo of a")
+    torch.manual_seed(0)
+    mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, TINY_CONFIG.style_dim)
+    return source, clip, prompts, mapper

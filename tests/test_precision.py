@@ -12,8 +12,6 @@ from ipltool import precision as precision_module
 from ipltool import registry
 from ipltool.domain import parse_domain
 from ipltool.errors import UsageError
-from ipltool.models.clip import PromptEncoder, load_clip
-from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
 from ipltool.precision import FP32, Precision
 from ipltool.train import losses, stage2_run
 from ipltool.train.run import RunDir
@@ -35,19 +33,9 @@ n_sample = 4
 """
 
 
-@pytest.fixture(scope="module")
-def models():
-    clip = load_clip("tiny")
-    source = build_generator(TINY_CONFIG, seed=0, noise_strength=0.1).eval().requires_grad_(False)
-    prompts = PromptEncoder(clip, "a photo of a")
-    torch.manual_seed(0)
-    mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, TINY_CONFIG.style_dim)
-    return source, clip, prompts, mapper
-
-
-def _steps(models, precision=None, steps=2, seed=2):
+def _steps(stage2_models, precision=None, steps=2, seed=2):
     """Seeded stage-2 steps; `precision=None` calls `start_stage2` the way code written before the option does."""
-    source, clip, prompts, mapper = models
+    source, clip, prompts, mapper = stage2_models
     domain = parse_domain(DOMAIN, "t.toml")
     torch.manual_seed(seed)
     state = start_stage2(source, domain) if precision is None else start_stage2(source, domain, precision)
@@ -120,14 +108,14 @@ def test_combinations_that_cannot_work_are_refused(monkeypatch):
 # Training steps
 
 
-def test_fp32_is_bitwise_the_path_without_the_option(models):
-    s1, r1 = _steps(models)
-    s2, r2 = _steps(models, Precision.of("fp32", "cpu"))
+def test_fp32_is_bitwise_the_path_without_the_option(stage2_models):
+    s1, r1 = _steps(stage2_models)
+    s2, r2 = _steps(stage2_models, Precision.of("fp32", "cpu"))
     assert r1 == r2
     for a, b in ((s1.trainable, s2.trainable), (s1.ema, s2.ema)):
         for key, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[key]), key
-    source, clip, prompts, _ = models
+    source, clip, prompts, _ = stage2_models
     domain = parse_domain(DOMAIN, "t.toml").with_overrides({"mapper.steps": 2})
     mappers = []
     for extra in ({}, {"precision": FP32}):
@@ -139,13 +127,13 @@ def test_fp32_is_bitwise_the_path_without_the_option(models):
         assert torch.equal(value, mappers[1][key]), key
 
 
-def test_bf16_stage2_runs_the_networks_in_bf16_and_keeps_losses_weights_and_ema_fp32(models, monkeypatch):
-    source, clip, _, _ = models
+def test_bf16_stage2_runs_the_networks_in_bf16_and_keeps_losses_weights_and_ema_fp32(stage2_models, monkeypatch):
+    source, clip, _, _ = stage2_models
     calls = _watch_losses(monkeypatch, "directional_loss", "global_clip_loss")
     conv_dtypes, handles = _watch_forward_dtypes(source.convs[0].conv)
     clip_dtypes, more = _watch_forward_dtypes(clip.model.visual.transformer.resblocks[0].mlp.c_fc)
     try:
-        state, records = _steps(models, Precision.of("bf16", "cpu"))
+        state, records = _steps(stage2_models, Precision.of("bf16", "cpu"))
     finally:
         for handle in handles + more:
             handle.remove()
@@ -161,8 +149,8 @@ def test_bf16_stage2_runs_the_networks_in_bf16_and_keeps_losses_weights_and_ema_
     assert not state.scaler.is_enabled() and not state.layer_scaler.is_enabled()
 
 
-def test_bf16_stage1_autocasts_the_mapper_and_text_tower_but_not_the_loss(models, monkeypatch):
-    source, _, prompts, _ = models
+def test_bf16_stage1_autocasts_the_mapper_and_text_tower_but_not_the_loss(stage2_models, monkeypatch):
+    source, _, prompts, _ = stage2_models
     calls = _watch_losses(monkeypatch, "contrastive_loss", "mean_cosine_distance")
     torch.manual_seed(3)
     mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, source.style_dim)
@@ -182,8 +170,8 @@ def test_bf16_stage1_autocasts_the_mapper_and_text_tower_but_not_the_loss(models
     assert all(p.dtype == torch.float32 for p in mapper.parameters())
 
 
-def test_fp16_steps_scale_the_losses_and_the_scalers_survive_save_and_restore(models, tmp_path):
-    state, records = _steps(models, Precision.of("fp16", "cpu"), steps=3)
+def test_fp16_steps_scale_the_losses_and_the_scalers_survive_save_and_restore(stage2_models, tmp_path):
+    state, records = _steps(stage2_models, Precision.of("fp16", "cpu"), steps=3)
     assert state.scaler.is_enabled() and state.layer_scaler.is_enabled()
     used = state.scaler.state_dict()
     assert used["_growth_tracker"] > 0 or used["scale"] < 2.0**16  # it scaled (and maybe backed off)
@@ -195,14 +183,14 @@ def test_fp16_steps_scale_the_losses_and_the_scalers_survive_save_and_restore(mo
     stage2_run._save(run, state)
     saved = torch.load(run.state_path, weights_only=True)
     assert saved["scalers"]["step"]["scale"] == 512.0 and "layer_choice" in saved["scalers"]
-    fresh = start_stage2(models[0], parse_domain(DOMAIN, "t.toml"), Precision.of("fp16", "cpu"))
+    fresh = start_stage2(stage2_models[0], parse_domain(DOMAIN, "t.toml"), Precision.of("fp16", "cpu"))
     assert stage2_run._restore(run, fresh)
     assert fresh.scaler.state_dict() == state.scaler.state_dict()
     assert fresh.layer_scaler.state_dict() == state.layer_scaler.state_dict()
     # A state saved without scalers (fp32, or before --precision existed) still loads.
     del saved["scalers"]
     run.save_state(saved)
-    older = start_stage2(models[0], parse_domain(DOMAIN, "t.toml"), Precision.of("fp16", "cpu"))
+    older = start_stage2(stage2_models[0], parse_domain(DOMAIN, "t.toml"), Precision.of("fp16", "cpu"))
     assert stage2_run._restore(run, older) and older.scaler.get_scale() == 2.0**16
 
 

@@ -1,13 +1,10 @@
-"""Stage 2 (generator adaptation) on tiny random models."""
+"""Stage 2 (generator adaptation) on tiny random stage2_models."""
 
 import pytest
 import torch
 
-from ipltool import registry
 from ipltool.domain import parse_domain
-from ipltool.models.clip import PromptEncoder, load_clip
 from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
-from ipltool.train import losses
 from ipltool.train.stage2 import (
     choose_layers,
     clip_terms,
@@ -32,22 +29,12 @@ n_sample = 4
 """
 
 
-@pytest.fixture(scope="module")
-def models():
-    clip = load_clip("tiny")
-    source = build_generator(TINY_CONFIG, seed=0, noise_strength=0.1).eval().requires_grad_(False)
-    prompts = PromptEncoder(clip, "a photo of a")
-    torch.manual_seed(0)
-    mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, TINY_CONFIG.style_dim)
-    return source, clip, prompts, mapper
-
-
 def _domain(extra=""):
     return parse_domain(DOMAIN + extra, "t.toml")
 
 
-def _run(models, domain, steps=2, seed=2, method_mapper=True):
-    source, clip, prompts, mapper = models
+def _run(stage2_models, domain, steps=2, seed=2, method_mapper=True):
+    source, clip, prompts, mapper = stage2_models
     torch.manual_seed(seed)
     state = start_stage2(source, domain)
     terms = clip_terms([(clip, 1.0)], domain)
@@ -58,10 +45,10 @@ def _run(models, domain, steps=2, seed=2, method_mapper=True):
     return state, records
 
 
-def test_only_chosen_layers_change_and_mapping_input_never(models):
-    source, *_ = models
+def test_only_chosen_layers_change_and_mapping_input_never(stage2_models):
+    source, *_ = stage2_models
     domain = _domain()
-    state, records = _run(models, domain, steps=1)
+    state, records = _run(stage2_models, domain, steps=1)
     chosen = records[0]["layers"]
     assert len(chosen) == 3 and all(0 <= i < source.n_latent for i in chosen)
     trained_prefixes = {
@@ -78,8 +65,8 @@ def test_only_chosen_layers_change_and_mapping_input_never(models):
         assert not torch.equal(before[prefix + "conv.weight"], after[prefix + "conv.weight"]), prefix
 
 
-def test_layer_choice_scores_match_a_hand_recomputation(models):
-    source, clip, _, _ = models
+def test_layer_choice_scores_match_a_hand_recomputation(stage2_models):
+    source, clip, _, _ = stage2_models
     domain = _domain()
     terms = clip_terms([(clip, 1.0)], domain)
     trainable = build_generator(TINY_CONFIG, seed=0)
@@ -100,8 +87,8 @@ def test_layer_choice_scores_match_a_hand_recomputation(models):
     assert got == torch.topk(moved, 3).indices.tolist()
 
 
-def test_style_index_to_layer_mapping_in_train_only(models):
-    source, *_ = models
+def test_style_index_to_layer_mapping_in_train_only(stage2_models):
+    source, *_ = stage2_models
     g = build_generator(TINY_CONFIG, seed=0)
     train_only(g, [0, 1, 4])
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("convs") else "") for n, p in g.named_parameters() if p.requires_grad}
@@ -128,8 +115,8 @@ def test_optimizer_uses_the_stylegan2_ratio():
     assert group["betas"] == (0.0, pytest.approx(0.99**0.8))
 
 
-def test_per_sample_directions_use_first_model_prompts(models):
-    source, clip, prompts, mapper = models
+def test_per_sample_directions_use_first_model_prompts(stage2_models):
+    source, clip, prompts, mapper = stage2_models
     domain = _domain()
     term = clip_terms([(clip, 1.0)], domain)[0]
     w = source.mapping(torch.randn(2, TINY_CONFIG.style_dim))
@@ -142,22 +129,22 @@ def test_per_sample_directions_use_first_model_prompts(models):
     torch.testing.assert_close(D, (t - s) / (t - s).norm(dim=1, keepdim=True))
 
 
-def test_seeded_runs_are_identical_and_nada_runs(models):
+def test_seeded_runs_are_identical_and_nada_runs(stage2_models):
     domain = _domain()
-    s1, r1 = _run(models, domain)
-    s2, r2 = _run(models, domain)
+    s1, r1 = _run(stage2_models, domain)
+    s2, r2 = _run(stage2_models, domain)
     assert r1 == r2
     assert all(r["loss"] == r["loss"] for r in r1)  # no NaN
     for k, v in s1.ema.state_dict().items():
         assert torch.equal(v, s2.ema.state_dict()[k])
     nada = _domain().with_overrides({"adapt.method": "nada", "loss.lambda_global": 0.5})
-    s3, r3 = _run(models, nada, method_mapper=False)
+    s3, r3 = _run(stage2_models, nada, method_mapper=False)
     assert "global_0" in r3[0] and r3[0]["loss"] > 0
-    term = clip_terms([(models[1], 1.0)], nada)[0]
-    assert term.nada_direction.shape == (1, models[1].embed_dim)
+    term = clip_terms([(stage2_models[1], 1.0)], nada)[0]
+    assert term.nada_direction.shape == (1, stage2_models[1].embed_dim)
 
 
-def test_style_mixing_draws_two_latents_like_stylegan2(models):
+def test_style_mixing_draws_two_latents_like_stylegan2(stage2_models):
     import random
 
     from ipltool.train.stage2 import draw_latents
@@ -174,14 +161,14 @@ def test_style_mixing_draws_two_latents_like_stylegan2(models):
     torch.manual_seed(5)
     assert len(one) == 1 and torch.equal(one[0], torch.randn(3, 64))
     assert random.getstate() == state_before  # no mixing: Python's RNG is not touched
-    record = _run(models, _domain().with_overrides({"adapt.mixing": 1.0}), steps=1)[1][0]
+    record = _run(stage2_models, _domain().with_overrides({"adapt.mixing": 1.0}), steps=1)[1][0]
     assert record["loss"] == record["loss"]
 
 
-def test_style_image_direction_matches_a_hand_computation(models):
+def test_style_image_direction_matches_a_hand_computation(stage2_models):
     from ipltool.train.stage2 import STYLE_SOURCE_SAMPLES, style_image_direction
 
-    source, clip = models[0], models[1]
+    source, clip = stage2_models[0], stage2_models[1]
     pictures = [torch.rand(3, 40, 50) * 2 - 1, torch.rand(3, 48, 48) * 2 - 1]
     got = style_image_direction(clip, source, pictures, torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -199,12 +186,12 @@ def test_style_image_direction_matches_a_hand_computation(models):
     assert torch.equal(torch.get_rng_state(), before)  # the training stream is untouched
 
 
-def test_sample_grid_never_draws_from_the_training_stream(models, tmp_path):
+def test_sample_grid_never_draws_from_the_training_stream(stage2_models, tmp_path):
     from PIL import Image
 
     from ipltool.train.samples import SampleGrid
 
-    source = models[0]
+    source = stage2_models[0]
     torch.manual_seed(0)
     before = torch.get_rng_state()
     grid = SampleGrid(source, torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1)), 0.7, seed=2, chunk=2)
