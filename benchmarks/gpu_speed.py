@@ -78,7 +78,8 @@ def run_ops(device: str, precision: str, repeats: int, batch: int = 2) -> dict:
     """Milliseconds per forward + backward of each op on config-f shapes."""
     import torch
 
-    from ipltool.kernels import fused_leaky_relu, upfirdn2d
+    from ipltool.kernels.fused_act import fused_leaky_relu
+    from ipltool.kernels.upfirdn2d import upfirdn2d
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
     taps = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device)
@@ -115,6 +116,7 @@ def run_training(cell: str, size: int, steps: int, device: str, precision: str) 
 def run_stylize(size: int, photos: int, device: str, precision: str, batch: int) -> dict:
     """Images per second of `ipl stylize --no-align` (median of two timed runs after a warm-up)."""
     import stylize_throughput
+
     from ipltool.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:

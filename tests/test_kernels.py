@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ipltool.errors import UsageError
-from ipltool.kernels import FusedLeakyReLU, KernelBuildError, build, dispatch, fused_leaky_relu, resolve_impl, upfirdn2d
+from ipltool.kernels import FusedLeakyReLU, KernelBuildError, build, dispatch, fused_leaky_relu, resolve_impl
+from ipltool.kernels.upfirdn2d import upfirdn2d
 
 # Stands in for a CUDA tensor where only the device matters (these machines have no GPU).
 FAKE_CUDA = SimpleNamespace(is_cuda=True, device="cuda:0")

@@ -37,6 +37,16 @@ def test_layers_apply_in_order_smoke_then_set_then_named_flags():
 
 
 def test_first_signal_asks_to_stop_second_aborts():
+    # A shell starts background jobs with SIGINT ignored (and test runners may too):
+    # start from Python's own handler so that "restored" means something.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_twice()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _stop_twice():
     with graceful_stop() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signal_name == "SIGINT"

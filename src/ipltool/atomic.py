@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 @contextlib.contextmanager
 def _atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
@@ -91,5 +89,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             containers so that `torch.load(weights_only=True)` can read it back.
         path: final file name; its directory must exist.
     """
+    import torch  # here, not at the top: the light commands import this module too
+
     with _atomic_open(path) as f:
         torch.save(obj, f)

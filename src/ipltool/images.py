@@ -9,13 +9,15 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ipltool.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -104,12 +106,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """One (3, H, W) tensor in [-1, 1] as an 8-bit RGB picture (values outside are clipped)."""
+    import torch
+
     array = image.detach().float().cpu().add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
 
 
 def png_bytes(images: torch.Tensor, nrow: int) -> bytes:
     """A grid of (N, 3, H, W) images in [-1, 1] encoded as PNG (`nrow` images per row)."""
+    import torch
     from torchvision.utils import make_grid
 
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))

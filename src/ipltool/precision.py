@@ -13,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import ContextManager
-
-import torch
+from typing import TYPE_CHECKING, ContextManager
 
 from ipltool.errors import UsageError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: every command's --help reads this module for
+# the option, and help must not pay for importing torch.
+
 PRECISIONS = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 #: Help of the option, identical in every command that has it.
 PRECISION_HELP = (
@@ -45,6 +49,8 @@ def check_precision(name: str | None) -> str:
 
 def _check_supported(name: str, device: torch.device) -> None:
     """Refuse a reduced precision the installed torch cannot autocast to on `device`."""
+    import torch
+
     if device.type == "cuda" and name == "bf16" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"this CUDA device does not support bf16 (device {device})", hint="use --precision fp16 (or fp32)")
     if not torch.amp.autocast_mode.is_autocast_available(device.type):
@@ -54,7 +60,7 @@ def _check_supported(name: str, device: torch.device) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         try:
-            torch.autocast(device.type, dtype=_DTYPES[name])
+            torch.autocast(device.type, dtype=getattr(torch, _DTYPE_NAMES[name]))
         except (RuntimeError, UserWarning) as err:
             reason = str(err).splitlines()[0]
             raise UsageError(f"--precision {name} is not supported on {device.type}: {reason}", hint="use --precision fp32") from None
@@ -80,6 +86,8 @@ class Precision:
             UsageError: an unknown name, or a reduced precision `device` cannot autocast to
                 (bf16 on a CUDA GPU without bf16, a backend torch has no autocast for).
         """
+        import torch
+
         name = check_precision(name)
         device = torch.device(device)
         if name != "fp32":
@@ -94,7 +102,9 @@ class Precision:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype autocast computes in (float32 for fp32)."""
-        return _DTYPES.get(self.name, torch.float32)
+        import torch
+
+        return getattr(torch, _DTYPE_NAMES[self.name])
 
     def autocast(self) -> ContextManager:
         """Context for network forward passes: `torch.autocast` for bf16/fp16, a no-op for fp32.
@@ -103,10 +113,14 @@ class Precision:
         """
         if not self.reduced:
             return contextlib.nullcontext()  # not even a disabled autocast: fp32 stays the untouched path
+        import torch
+
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def scaler(self) -> torch.amp.GradScaler:
         """A `GradScaler`, enabled for fp16 only; disabled it passes losses and steps through unchanged."""
+        import torch
+
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
 
 

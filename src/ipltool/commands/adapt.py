@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from pydantic import ValidationError
 
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
 from ipltool.devices import resolve_device
-from ipltool.domain import Domain, load_domain
 from ipltool.errors import CheckpointError, DomainError, Interrupted, UsageError
 from ipltool.interrupt import graceful_stop
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
-from ipltool.train.run import MAPPER_NAME, RunDir
-from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, Models, build_models, load_mapper
-from ipltool.train.stage1_run import run_stage1
-from ipltool.train.stage2 import check_layer_k
-from ipltool.train.stage2_run import run_stage2
 
+if TYPE_CHECKING:
+    from ipltool.domain import Domain
+    from ipltool.train.run import RunDir
+    from ipltool.train.setup import Models
 
 def _mapper_file(path: Path) -> Path:
     """`--mapper` accepts a mapper.pt or a run directory holding one."""
+    from ipltool.train.run import MAPPER_NAME
+
     candidate = path / MAPPER_NAME if path.is_dir() else path
     if not candidate.is_file():
         raise UsageError(
@@ -53,6 +52,10 @@ def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> Non
 
 def _domain_of_run(run: RunDir) -> tuple[Domain, dict]:
     """The resolved domain and the [run] table stored in a run's config.toml."""
+    from pydantic import ValidationError
+
+    from ipltool.domain import Domain
+
     config = run.read_config()
     run_table = config.pop("run", {})
     if run_table.get("stage") != "adapt":
@@ -94,6 +97,14 @@ def adapt(
 
     Examples: ipl adapt --domain disney --smoke   |   ipl adapt --domain disney --mapper runs/disney-20261121-101500
     """
+    # The training stack imports torch: loaded here, so `ipl adapt --help` stays instant.
+    from ipltool.domain import load_domain
+    from ipltool.train.run import RunDir
+    from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models, load_mapper
+    from ipltool.train.stage1_run import run_stage1
+    from ipltool.train.stage2 import check_layer_k
+    from ipltool.train.stage2_run import run_stage2
+
     named = {
         "adapt.method": method,
         "adapt.steps": steps,

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ipltool import console
 from ipltool.atomic import atomic_write_bytes
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
-from ipltool.images import find_images, load_rgb, png_bytes
-from ipltool.metrics.evaluate import METRICS, Evaluator, Settings
-from ipltool.metrics.sampling import EvalInput, resolve_input
+from ipltool.metrics.catalog import METRICS
 from ipltool.report import format_value, metric_keys, tables, write_report
+
+if TYPE_CHECKING:
+    from ipltool.metrics.evaluate import Settings
+    from ipltool.metrics.sampling import EvalInput
 
 SAMPLE_COLUMNS = 8
 
@@ -32,6 +32,10 @@ def _parse_metrics(text: str) -> list[str]:
 
 def _sample_grid(item: EvalInput, settings: Settings, device, report_dir: Path) -> str:
     """Write the input's sample grid (source row over adapted row, or the folder's first pictures)."""
+    import torch
+
+    from ipltool.images import load_rgb, png_bytes
+
     count = SAMPLE_COLUMNS if item.available is None else min(SAMPLE_COLUMNS, item.available)
     if item.kind == "folder":
         from torchvision.transforms.functional import pil_to_tensor
@@ -80,6 +84,13 @@ def eval_command(
 
     Examples: ipl eval runs/disney-* --compare   |   ipl eval runs/disney-a runs/disney-b --metrics clip,id --n 200
     """
+    # The metric networks import torch: loaded here, so `ipl eval --help` stays instant.
+    from ipltool.images import find_images
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ipltool.metrics.evaluate import Evaluator, Settings
+    from ipltool.metrics.sampling import resolve_input
+
     if not inputs:
         raise UsageError("no runs to evaluate", hint="pass `ipl adapt` run folders, e.g. ipl eval runs/disney-*")
     if sifid_layer not in (64, 192):

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from ipltool import console, hub
-from ipltool.domain import load_domain
+from ipltool import console
 from ipltool.errors import UsageError
+
+if TYPE_CHECKING:
+    from ipltool import hub
 
 
 def _verified_text(state: hub.CacheStatus) -> str:
+    from ipltool import hub
+
     if state.entry.synthetic:
         return "always available"
     if not state.cached:
@@ -41,6 +45,8 @@ def _row(state: hub.CacheStatus) -> dict:
 
 
 def _list(json_output: bool) -> None:
+    from ipltool import hub
+
     states = [hub.status(entry.name) for entry in hub.list_models()]
     if console.wants_json(json_output):
         console.print_json({"cache_dir": str(hub.cache_dir()), "models": [_row(s) for s in states]})
@@ -57,6 +63,8 @@ def _list(json_output: bool) -> None:
 
 def _verify(names: list[str], json_output: bool) -> bool:
     """Re-hash the named (default: every cached) file; True when none mismatches."""
+    from ipltool import hub
+
     targets = names or [e.name for e in hub.list_models() if not e.synthetic and hub.status(e.name).cached]
     results = [hub.verify(name) for name in targets]
     if console.wants_json(json_output):
@@ -90,6 +98,10 @@ def fetch(
 
     Examples: ipl fetch --list   |   ipl fetch --domain disney   |   ipl fetch --import stylegan2-ffhq-1024 ffhq.pkl
     """
+    # The registry (pydantic) and the downloader load here, so `ipl --help` stays instant.
+    from ipltool import hub
+    from ipltool.domain import load_domain
+
     names = list(names or [])
     if list_models:
         _list(json_output)

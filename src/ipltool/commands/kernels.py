@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ipltool import console, hub
+from ipltool import console
 from ipltool.errors import UsageError
 from ipltool.kernels import build, dispatch
 
@@ -34,9 +34,10 @@ def _nvcc_version(home) -> str | None:
 
 
 def _status() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    # No torch import here: `ipl kernels info` answers from torch's version file and the driver.
+    torch_version, torch_cuda = build.torch_versions()
+    visible = build.visible_gpu()
+    gpu = visible[0] if visible else None
     home = build.find_cuda_home()
     try:
         archs, arch_error = build.cuda_archs(), None
@@ -53,8 +54,8 @@ def _status() -> dict:
     return {
         "choice": choice,
         "uses": verdict,
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
+        "torch": torch_version,
+        "torch_cuda": torch_cuda,
         "gpu": gpu,
         "cuda_home": str(home) if home else None,
         "nvcc": _nvcc_version(home),
@@ -115,5 +116,7 @@ def build_command(
 @app.command("clear")
 def clear() -> None:
     """Delete every cached build of the kernels (they are compiled again on next use)."""
+    from ipltool import hub
+
     freed = build.clear_cache()
     console.out.print(f"removed {hub.human_size(freed)} from {build.cache_root()}")

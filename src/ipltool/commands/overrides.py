@@ -8,10 +8,12 @@ validated again, so a bad value is reported with its key.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ipltool.domain import Domain
 from ipltool.errors import UsageError
+
+if TYPE_CHECKING:
+    from ipltool.domain import Domain
 
 if sys.version_info >= (3, 11):
     import tomllib

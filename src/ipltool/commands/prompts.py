@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import tomli_w
 import typer
-from rich.syntax import Syntax
 from rich.table import Table
 
 from ipltool import console
-from ipltool.domain import DomainEntry, discover_domains, find_domain, load_domain_file, user_domain_dir
 from ipltool.errors import DomainError, UsageError
+
+if TYPE_CHECKING:
+    from ipltool.domain import DomainEntry
 
 app = typer.Typer(
     help="Domain files: the source/target texts and settings of an adaptation.",
@@ -49,6 +50,8 @@ def list_domains(json_output: bool = JSON_OPTION) -> None:
     When two domains share a name, the first in lookup order wins and the others are
     marked as shadowed.
     """
+    from ipltool.domain import discover_domains, user_domain_dir
+
     entries = discover_domains()
     if console.wants_json(json_output):
         console.print_json([_entry_json(e) for e in entries])
@@ -83,6 +86,10 @@ def show(
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Print a domain with every default filled in, as TOML you can copy and edit."""
+    from rich.syntax import Syntax
+
+    from ipltool.domain import find_domain
+
     entry = find_domain(domain)
     data = entry.domain.resolved().to_toml_dict()
     if console.wants_json(json_output):
@@ -105,6 +112,8 @@ def validate(
 
     Prints one line per file; exits with code 2 when any file is invalid.
     """
+    from ipltool.domain import load_domain_file
+
     results = []
     for path in files:
         try:

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ipltool import console, hub, registry
+from ipltool import console, registry
 from ipltool.devices import resolve_device
 from ipltool.errors import Interrupted, PluginError, UsageError
 from ipltool.interrupt import graceful_stop
-from ipltool.invert.inputs import check_output_dir, collect_photos
-from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE, Layout, Manifest, is_done
-from ipltool.invert.stylize import Stylizer, StylizeOptions, groups
-from ipltool.invert.targets import load_targets, plan_targets
 from ipltool.precision import Precision, precision_option
-from ipltool.train.setup import SMOKE_NOTE
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from ipltool.invert.outputs import Layout
+    from ipltool.invert.stylize import Stylizer
 
 #: Encoder input size of the tiny random encoders of `--smoke`.
 SMOKE_INPUT_SIZE = 64
@@ -27,6 +27,8 @@ SMOKE_INPUT_SIZE = 64
 
 def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dict, device):
     """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with --smoke."""
+    from ipltool import hub
+
     plugin = registry.load("encoders", name)
     needed = "tiny" if smoke else "load"
     if not callable(getattr(plugin, needed, None)):
@@ -45,6 +47,8 @@ def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dic
 
 
 def _progress() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]stylize"),
         BarColumn(),
@@ -59,6 +63,8 @@ def _progress() -> Progress:
 
 
 def _counts_text(counts) -> str:
+    from ipltool.invert.outputs import ERROR, NO_FACE, OK, UNREADABLE
+
     return f"ok {counts[OK]} · no face {counts[NO_FACE]} · unreadable {counts[UNREADABLE]} · error {counts[ERROR]}"
 
 
@@ -96,6 +102,13 @@ def stylize(
 
     Examples: ipl stylize photos/ --domain disney --out out/   |   ipl stylize photos/ --domain disney --smoke --out /tmp/check
     """
+    # The encoders and generators import torch: loaded here, so `ipl stylize --help` stays instant.
+    from ipltool.invert.inputs import check_output_dir, collect_photos
+    from ipltool.invert.outputs import ERROR, OK, Layout, Manifest, is_done
+    from ipltool.invert.stylize import StylizeOptions, Stylizer, groups
+    from ipltool.invert.targets import load_targets, plan_targets
+    from ipltool.train.setup import SMOKE_NOTE
+
     if faces not in ("largest", "all"):
         raise UsageError(f"--faces must be largest or all, not {faces!r}")
     if paste_mask not in ("square", "ellipse"):
@@ -180,6 +193,8 @@ def stylize(
 
 
 def _summary(stylizer: Stylizer, kept: list[dict], total: int, seconds: float, layout: Layout, sheets: list[str], json_output: bool) -> None:
+    from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE
+
     counts = stylizer.counts
     processed = sum(counts.values())
     rate = processed / seconds if seconds > 0 else 0.0

@@ -10,12 +10,8 @@ import typer
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
 from ipltool.devices import resolve_device
-from ipltool.domain import load_domain
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
-from ipltool.train.run import RunDir
-from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
-from ipltool.train.stage1_run import run_stage1
 
 
 def train_mapper(
@@ -37,6 +33,12 @@ def train_mapper(
 
     Example: ipl train-mapper --domain disney-custom --smoke
     """
+    # The training stack imports torch: loaded here, so `ipl train-mapper --help` stays instant.
+    from ipltool.domain import load_domain
+    from ipltool.train.run import RunDir
+    from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
+    from ipltool.train.stage1_run import run_stage1
+
     named = {"mapper.steps": steps, "mapper.batch": batch, "mapper.lr": lr, "mapper.seed": seed, "mapper.kind": kind}
     resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
     if smoke:

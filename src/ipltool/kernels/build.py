@@ -11,11 +11,13 @@ architectures and the Python version, so an upgrade of any of them builds anew.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -89,6 +91,66 @@ def find_cuda_home() -> Path | None:
     return None
 
 
+def torch_versions() -> tuple[str, str | None]:
+    """`(torch.__version__, torch.version.cuda)` of the installed torch, without importing it.
+
+    `ipl kernels info` must answer in a fraction of a second, and importing torch takes
+    seconds, so the values are read from `torch/version.py`. Once torch is imported
+    (every command that runs a model), its own attributes are used.
+    """
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        return torch.__version__, torch.version.cuda
+    spec = importlib.util.find_spec("torch")
+    values: dict[str, object] = {}
+    if spec is not None and spec.submodule_search_locations:
+        version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+        try:
+            tree = ast.parse(version_file.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            tree = None
+        for node in tree.body if tree else []:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
+                values[target.id] = node.value.value
+    if not isinstance(values.get("__version__"), str):  # an unusual install: ask torch itself
+        import torch
+
+        return torch.__version__, torch.version.cuda
+    cuda = values.get("cuda")
+    return str(values["__version__"]), cuda if isinstance(cuda, str) else None
+
+
+def visible_gpu() -> tuple[str, str] | None:
+    """`(name, "major.minor")` of the GPU torch would run on, or None when there is none.
+
+    With torch imported, torch answers. Without it, the NVIDIA driver's `nvidia-smi` is
+    asked about the first device `CUDA_VISIBLE_DEVICES` leaves visible (what torch
+    calls `cuda:0`), so `ipl kernels info` needs no torch import.
+    """
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        return torch.cuda.get_device_name(), f"{major}.{minor}"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = visible.split(",")[0].strip() if visible is not None else "0"
+    smi = shutil.which("nvidia-smi")
+    if not first or first.startswith("-") or smi is None:
+        return None
+    try:
+        result = subprocess.run(
+            [smi, "-i", first, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else ""
+    name, _, cap = line.rpartition(",")
+    return (name.strip(), cap.strip()) if name.strip() and cap.strip() else None
+
+
 def cuda_archs() -> str:
     """The architectures to compile for: `$TORCH_CUDA_ARCH_LIST`, else the current GPU's.
 
@@ -98,11 +160,9 @@ def cuda_archs() -> str:
     listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if listed:
         return listed
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
+    gpu = visible_gpu()
+    if gpu is not None:
+        return gpu[1]
     raise KernelBuildError(
         "no CUDA device to compile the kernels for",
         hint="set TORCH_CUDA_ARCH_LIST (e.g. 9.0 for H100) to build without a GPU",
@@ -119,13 +179,12 @@ def source_digest() -> str:
 
 def build_target(archs: str | None = None) -> BuildTarget:
     """The cache folder for these sources, this torch and CUDA, these architectures and this Python."""
-    import torch
-
+    torch_version, torch_cuda = torch_versions()
     archs = archs or cuda_archs()
     parts = [
         source_digest(),
-        torch.__version__,
-        str(torch.version.cuda),
+        torch_version,
+        str(torch_cuda),
         archs,
         f"py{sys.version_info.major}.{sys.version_info.minor}",
         platform.system(),

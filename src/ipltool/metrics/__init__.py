@@ -8,8 +8,25 @@ functions that turn features into IS, FID, KID, SIFID, SCS, ID and CLIP numbers,
 
 from __future__ import annotations
 
-from ipltool.metrics.base import Extractor, MetricUnavailable
-from ipltool.metrics.clip_features import target_text_embedding
-from ipltool.metrics.extractors import EXTRACTORS, build_extractor
+import importlib
+
+# The networks import torch; the metric names (`catalog`) must not, so the public names
+# load on first use (PEP 562).
+_LAZY = {
+    "Extractor": "base",
+    "MetricUnavailable": "base",
+    "target_text_embedding": "clip_features",
+    "EXTRACTORS": "extractors",
+    "build_extractor": "extractors",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"ipltool.metrics.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ipltool.metrics' has no attribute {name!r}")
+
 
 __all__ = ["EXTRACTORS", "Extractor", "MetricUnavailable", "build_extractor", "target_text_embedding"]

@@ -21,10 +21,8 @@ from ipltool.atomic import atomic_torch_save
 from ipltool.errors import UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
+from ipltool.metrics.catalog import METRICS
 from ipltool.metrics.sampling import EvalInput, folder_input
-
-#: Every metric `ipl eval` knows, in report order.
-METRICS = ("is", "fid", "kid", "sifid", "scs", "id", "clip", "diversity")
 
 #: Sample counts of METRICS.md §0 (one `--n` overrides them all; `--smoke` uses SMOKE_N).
 DEFAULT_N = {"is": 5000, "fid": 5000, "kid": 5000, "sifid": 100, "scs": 500, "id": 1000, "clip": 1000, "diversity": 1000}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipltool.kernels import fused_leaky_relu
+from ipltool.kernels.fused_act import fused_leaky_relu
 
 
 class PixelNorm(nn.Module):

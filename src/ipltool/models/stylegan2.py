@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ipltool.errors import CheckpointError, UsageError
-from ipltool.kernels import FusedLeakyReLU, upfirdn2d
+from ipltool.kernels.fused_act import FusedLeakyReLU
+from ipltool.kernels.upfirdn2d import upfirdn2d
 from ipltool.models.layers import EqualLinear, PixelNorm
 
 BLUR_KERNEL = (1, 3, 3, 1)
