@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+#: Where compiled test artefacts (the host build of the kernel cores, the nvcc build) are kept
+#: between runs. Their folders are named by a hash of everything the binary depends on, so
+#: an edited source builds anew; `IPL_TEST_REBUILD=1` builds everything in a fresh folder.
+BUILD_CACHE_ENV = "IPL_TEST_BUILD_CACHE"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, split the cores between the workers instead of each taking all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = threads  # also for the `ipl` subprocesses some tests start
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +70,18 @@ def stage2_models():
     torch.manual_seed(0)
     mapper = registry.build_mapper("mlp", prompts.n_ctx, prompts.dim, TINY_CONFIG.style_dim)
     return source, clip, prompts, mapper
+
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory) -> Path:
+    """The persistent folder for compiled test artefacts (`$IPL_TEST_BUILD_CACHE`, else the user cache dir).
+
+    With `IPL_TEST_REBUILD=1` it is an empty temporary folder instead, so everything compiles afresh.
+    """
+    import platformdirs
+
+    if os.environ.get("IPL_TEST_REBUILD", "") not in ("", "0"):
+        return tmp_path_factory.mktemp("fresh-builds")
+    root = Path(os.environ.get(BUILD_CACHE_ENV) or Path(platformdirs.user_cache_dir("ipltool")) / "test-builds")
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -14,14 +14,18 @@ Three levels, from what every machine can do to what needs a GPU:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from ipltool.kernels import build
 
@@ -49,23 +53,43 @@ GEOMETRIES = [
 ]
 
 
+HOST_FLAGS = ["-O2"]
+
+
+def _host_sources() -> list[Path]:
+    return [build.SOURCE_DIR / "bindings.cpp", HOST_SOURCES / "host_ops.cpp"]
+
+
+def _host_key() -> str:
+    """Hash of what the host build depends on: its sources and headers, torch, Python and the flags."""
+    digest = hashlib.sha256()
+    for path in [*_host_sources(), *(build.SOURCE_DIR / name for name in build.HEADERS)]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"{torch.__version__}|{sys.version}|{' '.join(HOST_FLAGS)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _host_module(directory: Path):
     from torch.utils import cpp_extension
 
     return cpp_extension.load(
         name="ipl_kernels_host",
-        sources=[str(build.SOURCE_DIR / "bindings.cpp"), str(HOST_SOURCES / "host_ops.cpp")],
+        sources=[str(path) for path in _host_sources()],
         extra_include_paths=[str(build.SOURCE_DIR)],
-        extra_cflags=["-O2"],
+        extra_cflags=HOST_FLAGS,
         build_directory=str(directory),
     )
 
 
 @pytest.fixture(scope="module")
-def host_ops(tmp_path_factory):
+def host_ops(build_cache):
+    """The host build, compiled once per content key and reused by later runs (ninja sees nothing to do)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("needs a C++ compiler")
-    return _host_module(tmp_path_factory.mktemp("host-build"))
+    directory = build_cache / f"host-{_host_key()}"
+    with FileLock(f"{directory}.lock"):  # parallel test workers build it once
+        directory.mkdir(parents=True, exist_ok=True)
+        return _host_module(directory)
 
 
 @pytest.fixture
@@ -216,22 +240,32 @@ def _cuda_toolkit_or_skip():
 
 
 @pytest.mark.slow
-def test_cuda_kernels_compile_and_load(run_cli, monkeypatch):
+def test_cuda_kernels_compile_and_load(run_cli, monkeypatch, build_cache):
     """`ipl kernels build` compiles csrc/ with nvcc, caches it, and the library imports.
 
     Without a GPU it builds for sm 9.0 (TORCH_CUDA_ARCH_LIST), as a container build would.
+    nvcc takes minutes on two cores, so a successful build is kept in the test build cache
+    under its key (sources, torch, CUDA, architectures, Python, flags): a later run with
+    the same key starts from that build and checks that the command reuses and loads it;
+    any edit of the sources compiles again (IPL_TEST_REBUILD=1 compiles regardless).
     """
     _cuda_toolkit_or_skip()
     if not HAS_GPU:
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    code, out, err = run_cli("kernels", "build", "--json")
-    assert code == 0, err
-    import json
-
-    result = json.loads(out)
     target = build.build_target()
-    assert result == {"build": str(target.path), "archs": target.archs, "reused": False}
-    assert target.library.is_file() and "compiling the CUDA kernels" in err
+    kept = build_cache / "cuda" / target.path.name
+    with FileLock(f"{kept}.lock"):
+        reuse = (kept / target.library.name).is_file()
+        if reuse:
+            shutil.copytree(kept, target.path)
+        code, out, err = run_cli("kernels", "build", "--json")
+        assert code == 0, err
+        assert json.loads(out) == {"build": str(target.path), "archs": target.archs, "reused": reuse}
+        assert target.library.is_file() and "compiling the CUDA kernels" not in err  # --json silences status lines
+        if not reuse:
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(target.path, kept.with_name(kept.name + ".tmp"), dirs_exist_ok=True)
+            os.replace(kept.with_name(kept.name + ".tmp"), kept)
 
     module = build.compile_kernels(target)  # imported from the cache, no compiler run
     assert module.device == "cuda"
