@@ -35,8 +35,10 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("IPL_KERNELS", "auto")
     monkeypatch.delenv("IPL_KERNELS")
     monkeypatch.delenv("IPL_DEBUG", raising=False)
+    from ipltool import console
     from ipltool.kernels import build, dispatch
 
+    console.reset()  # no --json/--quiet left over from a command another test ran in-process
     build.forget()  # no compiled kernels or build failure carried over from another test
     dispatch.reset_warning()
     yield

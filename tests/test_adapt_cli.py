@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ipltool.figures import GAP, MARGIN, grid_layout, label_width
 from ipltool.models.stylegan2 import load_generator
 from ipltool.train import stage2_run
 from ipltool.train.run import RunDir
@@ -32,7 +33,7 @@ def _assert_same_weights(a, b):
 def test_smoke_run_writes_everything_the_run_dir_promises(run_cli, tmp_path):
     result, err = _adapt(run_cli, tmp_path, "--domain", "disney", "--smoke")
     run = RunDir.open(result["run_dir"])
-    assert "plumbing check" in err and f"run directory: {run.path}" in err.replace("\n", "")
+    assert "plumbing check" not in err and "run directory" not in err  # --json silences status lines (shown in test_progress)
     config = run.read_config()
     assert config["run"]["stage"] == "adapt" and config["run"]["smoke"] is True and config["target"] == "disney"
     assert config["adapt"]["auto_layer_k"] == 5 and config["adapt"]["steps"] == 3
@@ -41,10 +42,12 @@ def test_smoke_run_writes_everything_the_run_dir_promises(run_cli, tmp_path):
     assert "g_ema" in ckpt
     generator = load_generator(run.generator_path)
     assert generator.size == 32
-    # samples every sample_every (2) steps and at the end (3), rows of source and adapted images
+    # samples every sample_every (2) steps and at the end (3): a column per latent, a source and an adapted row
     assert sorted(p.name for p in run.samples_dir.iterdir()) == ["step-000002.png", "step-000003.png"]
+    assert config["adapt"]["sample_size"] == 256
     with Image.open(run.samples_dir / "step-000003.png") as grid:
-        assert grid.size == (3 * 34 + 2, 4 * 34 + 2)  # 4 latents, 3 per row -> 2 source + 2 adapted rows
+        assert grid.size == grid_layout(2, 4, 256, ["source", "adapted"], caption="disney · ipl · step 3", group=2).size
+        assert grid.width == 2 * MARGIN + label_width(["source", "adapted"], 256) + 4 * 256 + 3 * GAP  # 32 px tiles enlarged
     log = run.read_log()
     assert [(r["stage"], r["step"]) for r in log] == [("mapper", 1), ("mapper", 2), ("mapper", 3), ("adapt", 1), ("adapt", 2), ("adapt", 3)]
     for record in log[3:]:
@@ -154,7 +157,7 @@ def test_nada_baseline_with_global_loss_and_style_images(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--resume", "RUN", "--batch", "4"), "drop adapt.batch"),
+        (("--resume", "RUN", "--batch", "4"), "drop --batch"),
         (("--smoke",), "missing --domain"),
         (("--domain", "disney", "--smoke", "--style-images", "x"), "style_images is a NADA option"),
         (("--domain", "disney", "--smoke", "--layers", "9"), "only 8 W+ layers"),

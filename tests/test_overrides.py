@@ -31,7 +31,7 @@ def test_clip_flags_build_the_clip_list():
 
 def test_layers_apply_in_order_smoke_then_set_then_named_flags():
     domain = apply_flags(
-        load_domain("disney"), {"adapt.steps": 3, "adapt.batch": 2}, ["adapt.steps=4", "adapt.batch=5"], None, {"adapt.steps": 7}
+        load_domain("disney"), {"adapt.steps": 3, "adapt.batch": 2}, ["adapt.steps=4", "adapt.batch=5"], None, {"adapt.steps": ("--steps", 7)}
     )
     assert domain.adapt.steps == 7 and domain.adapt.batch == 5
 

@@ -189,6 +189,7 @@ def test_style_image_direction_matches_a_hand_computation(stage2_models):
 def test_sample_grid_never_draws_from_the_training_stream(stage2_models, tmp_path):
     from PIL import Image
 
+    from ipltool.figures import grid_layout
     from ipltool.train.samples import SampleGrid
 
     source = stage2_models[0]
@@ -197,9 +198,9 @@ def test_sample_grid_never_draws_from_the_training_stream(stage2_models, tmp_pat
     grid = SampleGrid(source, torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1)), 0.7, seed=2, chunk=2)
     path = grid.write(tmp_path / "g.png", source)
     assert torch.equal(torch.get_rng_state(), before)
-    # 5 latents -> 4 per row: source row, adapted row, source row, adapted row
+    # 5 latents -> 5 columns over a source row and an adapted row, 256 px tiles by default
     with Image.open(path) as image:
-        assert image.size == (4 * 34 + 2, 4 * 34 + 2)
+        assert image.size == grid_layout(2, 5, 256, ["source", "adapted"], group=2).size
     again = SampleGrid(source, torch.randn(5, source.style_dim, generator=torch.Generator().manual_seed(1)), 0.7, seed=2)
     torch.testing.assert_close(grid.source_images, again.source_images)  # chunking changes nothing
     # truncation 0.7 around the mean latent

@@ -84,9 +84,18 @@ app.add_typer(kernels_cmd.app, name="kernels")
 
 
 def _report(error: IplError) -> None:
-    console.err.print(f"[bold red]{error.label}:[/] {error.message}", markup=True, highlight=False)
+    """Print `label: message` and `hint: ...` on stderr.
+
+    Message and hint are user-controlled text (names, paths, regex patterns such as
+    `[a-z0-9]`), so they are escaped: only the label is markup. The later lines of a
+    message of several lines (one problem each) are indented under the first.
+    """
+    first, *rest = str(error.message).splitlines() or [""]
+    indent = " " * (len(error.label) + 2)
+    text = "\n".join([console.escape(first), *(indent + console.escape(line) for line in rest)])
+    console.err.print(f"[bold red]{error.label}:[/] {text}", markup=True, highlight=False)
     if error.hint:
-        console.err.print(f"[dim]hint:[/] {error.hint}", markup=True, highlight=False)
+        console.err.print(f"[dim]hint:[/] {console.escape(error.hint)}", markup=True, highlight=False)
 
 
 def _click_exit_code(error: Exception) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, did_you_mean
 
 _SPEC = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -17,7 +17,7 @@ def check_device_spec(spec: str) -> str:
     """
     value = spec.strip().lower()
     if not _SPEC.match(value):
-        raise UsageError(f"invalid device {spec!r}", hint="use auto, cpu, mps, cuda or cuda:N")
+        raise UsageError(f"invalid device {spec!r}{did_you_mean(value, ('auto', 'cpu', 'mps', 'cuda'))}", hint="use auto, cpu, mps, cuda or cuda:N")
     return value
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ipltool.errors import DomainError
+from ipltool.errors import DomainError, did_you_mean, unknown_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +48,7 @@ class ClipModel(_Strict):
     factor of this model's directional loss in the sum.
     """
 
-    model: str = "ViT-B/32"
+    model: str = Field("ViT-B/32", min_length=1)
     pretrained: str = "openai"
     weight: float = Field(1.0, gt=0)
 
@@ -102,6 +102,7 @@ class Adapt(_Strict):
     seed: int = 2
     sample_every: int = Field(100, ge=1)
     n_sample: int = Field(35, ge=1)
+    sample_size: int = Field(256, ge=16, le=1024, description="edge of one sample in the sample grids, px (generator output is resized)")
     truncation: float = Field(0.7, gt=0, le=1)
     style_images: str | None = Field(
         None, description="NADA only: folder of style images whose CLIP direction replaces the text direction"
@@ -142,7 +143,7 @@ class Domain(_Strict):
 
         known = [e.name for e in hub.list_models("generator")]
         if value not in known:
-            raise ValueError(f"unknown generator {value!r}; known: {', '.join(known)}; or a path to a .pt file")
+            raise ValueError(f"unknown generator {value!r}{did_you_mean(value, known)} (known: {', '.join(known)}; or a path to a .pt file)")
         return value
 
     @field_validator("source", "target", "ctx_init")
@@ -152,10 +153,19 @@ class Domain(_Strict):
             raise ValueError("must not be blank")
         return value
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Domain":
+    def with_overrides(self, overrides: dict[str, Any], flags: dict[str, str] | None = None) -> "Domain":
         """Return a copy with dotted keys replaced (`{"adapt.steps": 10}`), validated again.
 
         Keys whose value is None are ignored, so unset command flags can be passed as they are.
+
+        Args:
+            overrides: dotted key -> new value.
+            flags: dotted key -> the command flag that set it (`{"adapt.steps": "--steps"}`):
+                a bad value of such a key is reported in the flag's words
+                (`--steps must be ≥ 1 (got -5)`), any other as `override: key ...`.
+
+        Raises:
+            DomainError: an unknown key, or a value the schema refuses.
         """
         data = self.model_dump()
         for dotted, value in overrides.items():
@@ -173,7 +183,9 @@ class Domain(_Strict):
         try:
             return Domain.model_validate(data)
         except ValidationError as err:
-            raise DomainError(f"override: {_describe(err.errors()[0])}") from None
+            error = err.errors()[0]
+            flag = (flags or {}).get(".".join(str(part) for part in error["loc"]))
+            raise DomainError(_describe_flag(flag, error) if flag else f"override: {_describe(error)}") from None
 
     def n_latent(self) -> int | None:
         """W+ size of the domain's generator when it is a registry name (None for a file)."""
@@ -218,7 +230,32 @@ def _describe(error: dict) -> str:
         return f"missing required key {key!r}"
     if kind == "value_error":
         return f"key {key!r}: {error['msg'].removeprefix('Value error, ')}"
-    return f"key {key!r}: {error['msg'].lower()} (got {error.get('input')!r})"
+    return f"key {key!r}: {_lower_first(error['msg'])} (got {error.get('input')!r})"
+
+
+def _lower_first(text: str) -> str:
+    # Only the first letter: the rest may quote a pattern such as '^[A-Za-z0-9]...'.
+    return text[:1].lower() + text[1:]
+
+
+_BOUNDS = {"greater_than_equal": ("≥", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("≤", "le"), "less_than": ("<", "lt")}
+
+
+def _describe_flag(flag: str, error: dict) -> str:
+    """One pydantic error about a key set by a command flag, in the flag's words: `--steps must be ≥ 1 (got -5)`."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind in _BOUNDS and _BOUNDS[kind][1] in ctx:
+        sign, bound = _BOUNDS[kind]
+        limit = ctx[bound]
+        if isinstance(limit, float) and limit.is_integer():
+            limit = int(limit)  # `gt=0` on a float field: "> 0", not "> 0.0"
+        return f"{flag} must be {sign} {limit} (got {value!r})"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{flag} must be {ctx.get('expected')} (got {value!r}){did_you_mean(str(value), choices)}"
+    if kind == "value_error":
+        return f"{flag}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{flag}: {_lower_first(error['msg'])} (got {value!r})"
 
 
 def _line_of(text: str, loc: tuple) -> int | None:
@@ -251,7 +288,8 @@ def parse_domain(text: str, origin: str) -> Domain:
     """Parse and validate domain TOML `text`; `origin` names the file in error messages.
 
     Raises:
-        DomainError: one line naming the file, the key and (where it can be found) the line.
+        DomainError: one line per problem, each naming the file, the line (where it can
+            be found) and the key: `disney.toml:8: unknown key 'adapt.stepz'`.
     """
     try:
         data = tomllib.loads(text)
@@ -260,12 +298,15 @@ def parse_domain(text: str, origin: str) -> Domain:
     try:
         return Domain.model_validate(data)
     except ValidationError as err:
-        errors = err.errors()
-        first = errors[0]
-        line = _line_of(text, first["loc"])
-        where = f"{origin}:{line}" if line else origin
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise DomainError(f"{where}: {_describe(first)}{more}", hint="`ipl prompts show disney` prints a complete domain file") from None
+        problems = []
+        for error in err.errors():
+            line = _line_of(text, error["loc"])
+            problems.append((line, f"{origin}:{line}: {_describe(error)}" if line else f"{origin}: {_describe(error)}"))
+        # Every problem, in file order (those without a line, such as missing keys, last),
+        # so that one edit fixes the file instead of one edit per run.
+        problems.sort(key=lambda problem: (problem[0] is None, problem[0] or 0))
+        message = "\n".join(text for _, text in problems)
+        raise DomainError(message, hint="`ipl prompts show disney` prints a complete domain file") from None
 
 
 def load_domain_file(path: str | Path) -> Domain:
@@ -376,9 +417,8 @@ def find_domain(name_or_path: str) -> DomainEntry:
     entries = [e for e in discover_domains() if e.name == name_or_path and e.shadowed_by is None]
     if not entries:
         known = sorted({e.name for e in discover_domains() if e.error is None})
-        raise DomainError(
-            f"unknown domain {name_or_path!r}",
-            hint=f"known domains: {', '.join(known)}; or pass a path to a .toml file",
+        raise unknown_name(
+            "domain", name_or_path, known, label="known domains", hint="or pass a path to a .toml file", error=DomainError
         )
     entry = entries[0]
     if entry.error:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class IplError(Exception):
     """Base class of every error ipltool raises on purpose.
@@ -47,3 +50,49 @@ class Interrupted(IplError):
 
     exit_code = 130
     label = "stopped"
+
+
+# ----------------------------------------------------------------------------
+# Misspelled names
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """The tail ` — did you mean 'x'?` when one of `choices` is close to `name`, else "".
+
+    Closeness is difflib's ratio (at least 0.6), compared without case so that `Disney`
+    finds `disney`; the suggestion keeps the choice's own spelling.
+    """
+    by_lower = {}
+    for choice in choices:
+        by_lower.setdefault(str(choice).lower(), str(choice))
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    if not close or by_lower[close[0]] == name:
+        return ""
+    return f" — did you mean {by_lower[close[0]]!r}?"
+
+
+def unknown_name(
+    what: str,
+    name: str,
+    choices: Iterable[str],
+    *,
+    label: str = "known",
+    hint: str | None = None,
+    error: type[IplError] = UnknownNameError,
+) -> IplError:
+    """The error for a name that is not one of `choices`, for the caller to raise.
+
+    Message: `unknown {what} {name!r}`, plus ` — did you mean 'x'?` when a choice is
+    close; hint: `{label}: a, b, c`, then `hint` after a semicolon.
+
+    Args:
+        what: the kind of name, as the user knows it ("domain", "mapper", "metric").
+        name: what was given.
+        choices: the valid names, in the order they should be listed.
+        label: introduces the list in the hint ("known domains", "installed").
+        hint: more advice after the list (optional).
+        error: the class to build (`UnknownNameError`, or e.g. `DomainError`).
+    """
+    choices = [str(c) for c in choices]
+    listing = f"{label}: {', '.join(choices) or 'none'}"
+    return error(f"unknown {what} {name!r}{did_you_mean(name, choices)}", hint=f"{listing}; {hint}" if hint else listing)

@@ -11,7 +11,6 @@ advance are enforced; where none is known the first download records one in the 
 from __future__ import annotations
 
 import bz2
-import contextlib
 import json
 import os
 import shutil
@@ -20,16 +19,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from ipltool import console
+from ipltool import console, progress
 from ipltool.atomic import atomic_write_text
 from ipltool.download import ChecksumError, download, sha256_file
-from ipltool.errors import IplError, UnknownNameError, UsageError
+from ipltool.errors import IplError, UnknownNameError, UsageError, unknown_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,15 +78,12 @@ def get_model(name: str) -> ModelEntry:
     """The registry entry called `name`.
 
     Raises:
-        UnknownNameError: no such entry; the message lists the known names.
+        UnknownNameError: no such entry; the message suggests a close name, the hint lists the known ones.
     """
     try:
         return _registry()[name]
     except KeyError:
-        raise UnknownNameError(
-            f"unknown model {name!r} (known: {', '.join(_registry())})",
-            hint="use a registry name or a path to a .pt file",
-        ) from None
+        raise unknown_name("model", name, _registry(), hint="use a registry name or a path to a .pt file") from None
 
 
 def cache_dir() -> Path:
@@ -282,8 +277,8 @@ def fetch(name: str, force: bool = False) -> Path:
         raise UsageError(f"{name} has no download address", hint=f"get it by hand, then `ipl fetch --import {name} FILE`")
     console.info(f"downloading {name} ({human_size(entry.bytes)}): {entry.description}")
     target = path.with_name(path.name + ".download") if entry.decompress else path
-    with _transfer_progress(name, entry.bytes) as progress:
-        digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=progress, name=name)
+    with progress.track(entry.bytes, name, unit=progress.BYTES) as update:
+        digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=update, name=name)
     if entry.decompress:
         _unpack(entry, target, path)
     _write_record(name, digest if not entry.decompress else sha256_file(path), path, "download")
@@ -393,18 +388,3 @@ def clip_entry(model: str, pretrained: str | None) -> ModelEntry | None:
         if entry.arch.get("model") == name:
             return entry
     return None
-
-
-@contextlib.contextmanager
-def _transfer_progress(name: str, size: int | None) -> Iterator[Callable[[int, int | None], None]]:
-    """A rich download bar on stderr (bytes, speed, ETA); silent with --quiet/--json."""
-    if console.options.quiet or console.options.json:
-        yield lambda done, total: None
-        return
-    progress = Progress(
-        TextColumn(f"[bold]{name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=console.err,
-    )
-    with progress:
-        task = progress.add_task(name, total=size)
-        yield lambda done, total: progress.update(task, completed=done, total=total or size)

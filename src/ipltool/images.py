@@ -112,13 +112,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).contiguous().numpy())
 
 
-def png_bytes(images: torch.Tensor, nrow: int) -> bytes:
-    """A grid of (N, 3, H, W) images in [-1, 1] encoded as PNG (`nrow` images per row)."""
-    import torch
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    array = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as PNG (the grids themselves are laid out by `ipltool.figures`)."""
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ContextManager
 
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,7 @@ def check_precision(name: str | None) -> str:
         return "fp32"
     value = name.strip().lower()
     if value not in PRECISIONS:
-        raise UsageError(f"invalid precision {name!r}", hint=f"use {', '.join(PRECISIONS)}")
+        raise UsageError(f"invalid precision {name!r}{did_you_mean(value, PRECISIONS)}", hint=f"use {', '.join(PRECISIONS)}")
     return value
 
 

@@ -22,7 +22,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from ipltool.errors import PluginError, UnknownNameError
+from ipltool.errors import PluginError, unknown_name
 
 GROUPS = {
     "mappers": "ipltool.mappers",
@@ -70,7 +70,7 @@ def plugins(kind: str | None = None) -> list[Plugin]:
     seen: set[tuple[str, str, str]] = set()
     for k in kinds:
         if k not in GROUPS:
-            raise UnknownNameError(f"unknown plugin kind {k!r}", hint=f"kinds: {', '.join(GROUPS)}")
+            raise unknown_name("plugin kind", k, GROUPS, label="kinds")
         for ep in metadata.entry_points(group=GROUPS[k]):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
@@ -94,9 +94,8 @@ def names(kind: str) -> list[str]:
 def _find(kind: str, name: str) -> Plugin:
     matches = [p for p in plugins(kind) if p.name == name]
     if not matches:
-        available = ", ".join(names(kind)) or "none installed"
-        raise UnknownNameError(
-            f"unknown {kind[:-1]} {name!r} (installed: {available})",
+        raise unknown_name(
+            kind[:-1], name, names(kind), label="installed",
             hint="`ipl plugins` lists installed plugins; install a plugin package to add more",
         )
     return matches[0]  # built-ins first: a third party cannot replace a built-in silently
@@ -106,7 +105,7 @@ def require(kind: str, name: str) -> Plugin:
     """Check that plugin `name` of `kind` is installed, before any work starts.
 
     Raises:
-        UnknownNameError: it is not; the message lists the installed ones.
+        UnknownNameError: it is not; the message suggests a close name, the hint lists the installed ones.
     """
     return _find(kind, name)
 
@@ -115,7 +114,7 @@ def load(kind: str, name: str) -> Any:
     """Import and return the object behind plugin `name` of `kind`.
 
     Raises:
-        UnknownNameError: no such plugin; the message lists the installed ones.
+        UnknownNameError: no such plugin; the hint lists the installed ones.
         PluginError: the plugin is installed but fails to import.
     """
     plugin = _find(kind, name)

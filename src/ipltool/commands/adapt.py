@@ -47,7 +47,8 @@ def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> Non
     if ckpt.get("ctx_init") not in (None, domain.ctx_init):
         raise CheckpointError(f"{path} was trained with ctx_init {ckpt['ctx_init']!r}, the domain has {domain.ctx_init!r}")
     if (ckpt.get("source"), ckpt.get("target")) != (domain.source, domain.target):
-        console.info(f"[yellow]note: the mapper was trained for {ckpt.get('source')!r} -> {ckpt.get('target')!r}[/]")
+        trained_for = console.escape(f"{ckpt.get('source')!r} -> {ckpt.get('target')!r}")
+        console.info(f"[yellow]note: the mapper was trained for {trained_for}[/]")
 
 
 def _domain_of_run(run: RunDir) -> tuple[Domain, dict]:
@@ -80,6 +81,7 @@ def adapt(
     seed: Optional[int] = typer.Option(None, help="Random seed of stage 2 (adapt.seed)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers trained per step (adapt.auto_layer_k)."),
     sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (adapt.sample_every)."),
+    sample_size: Optional[int] = typer.Option(None, help="Edge of one sample in the grids, px; 256 by default (adapt.sample_size)."),
     style_images: Optional[Path] = typer.Option(None, help="NADA: folder of style images to aim at instead of the text."),
     clip: Optional[list[str]] = typer.Option(None, "--clip", help=CLIP_HELP),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -87,7 +89,7 @@ def adapt(
     save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
     precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_output: bool = console.json_option(),
 ) -> None:
     """Adapt the domain's generator to its target text and write runs/<domain>-<time>/generator.pt.
 
@@ -105,19 +107,20 @@ def adapt(
     from ipltool.train.stage2 import check_layer_k
     from ipltool.train.stage2_run import run_stage2
 
-    named = {
-        "adapt.method": method,
-        "adapt.steps": steps,
-        "adapt.batch": batch,
-        "adapt.lr": lr,
-        "adapt.seed": seed,
-        "adapt.auto_layer_k": layers,
-        "adapt.sample_every": sample_every,
-        "adapt.style_images": str(style_images) if style_images else None,
+    named = {  # domain key: (flag, value); a bad value is reported as the flag
+        "adapt.method": ("--method", method),
+        "adapt.steps": ("--steps", steps),
+        "adapt.batch": ("--batch", batch),
+        "adapt.lr": ("--lr", lr),
+        "adapt.seed": ("--seed", seed),
+        "adapt.auto_layer_k": ("--layers", layers),
+        "adapt.sample_every": ("--sample-every", sample_every),
+        "adapt.sample_size": ("--sample-size", sample_size),
+        "adapt.style_images": ("--style-images", str(style_images) if style_images else None),
     }
     if resume is not None:
         extra = [flag for flag, value in [("--domain", domain), ("--mapper", mapper_path), ("--clip", clip), ("--set", sets)] if value]
-        extra += [key for key, value in named.items() if value is not None and key != "adapt.steps"]
+        extra += [flag for key, (flag, value) in named.items() if value is not None and key != "adapt.steps"]
         if extra or smoke:
             raise UsageError(
                 f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--smoke'}",
@@ -134,7 +137,7 @@ def adapt(
             )
         precision = stored
         if steps is not None and steps != resolved.adapt.steps:
-            resolved = resolved.with_overrides({"adapt.steps": steps})
+            resolved = resolved.with_overrides({"adapt.steps": steps}, flags={"adapt.steps": "--steps"})
             run.write_config({**resolved.to_toml_dict(), "run": run_table})
     else:
         if domain is None:
@@ -163,7 +166,7 @@ def adapt(
         run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
         if ckpt_source is not None:
             shutil.copyfile(ckpt_source, run.mapper_path)  # the run dir stays self-contained
-    console.info(f"run directory: {run.path}")
+    console.info(f"run directory: {console.escape(run.path)}")
 
     with graceful_stop() as stop:
         if ipl and mapper is None:
@@ -202,4 +205,4 @@ def adapt(
             }
         )
     else:
-        console.out.print(f"adapted generator written to {run.generator_path}")
+        console.out.print(f"adapted generator written to {console.escape(run.generator_path)}")

@@ -2,52 +2,66 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ipltool import console
 from ipltool.atomic import atomic_write_bytes
 from ipltool.devices import resolve_device
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, did_you_mean, unknown_name
 from ipltool.metrics.catalog import METRICS
-from ipltool.report import format_value, metric_keys, tables, write_report
+from ipltool.progress import Reporter
+from ipltool.report import cell, heading, metric_keys, missing_notes, run_labels, superscript, tables, write_report
 
 if TYPE_CHECKING:
     from ipltool.metrics.evaluate import Settings
     from ipltool.metrics.sampling import EvalInput
 
-SAMPLE_COLUMNS = 8
+SAMPLE_COLUMNS = 6
+SAMPLE_TILE = 160  # px: large enough to compare two runs side by side in the report
 
 
 def _parse_metrics(text: str) -> list[str]:
+    """`--metrics` as a list of known names, without repeats.
+
+    Raises:
+        UsageError: an empty list, or unknown names (each with its closest known name).
+    """
     chosen = [m.strip().lower() for m in text.split(",") if m.strip()]
-    unknown = [m for m in chosen if m not in METRICS]
-    if unknown or not chosen:
-        raise UsageError(f"unknown metric(s): {', '.join(unknown) or text!r}", hint=f"choose from {','.join(METRICS)}")
+    if not chosen:
+        raise UsageError(f"--metrics names no metric (got {text!r})", hint=f"choose from: {', '.join(METRICS)}")
+    unknown = list(dict.fromkeys(m for m in chosen if m not in METRICS))
+    if unknown:  # each name with its own suggestion: "unknown metric 'isc' — did you mean 'is'?; unknown metric ..."
+        raise UsageError("; ".join(unknown_name("metric", m, METRICS).message for m in unknown), hint=f"choose from: {', '.join(METRICS)}")
     return list(dict.fromkeys(chosen))
 
 
 def _sample_grid(item: EvalInput, settings: Settings, device, report_dir: Path) -> str:
-    """Write the input's sample grid (source row over adapted row, or the folder's first pictures)."""
-    import torch
+    """Write the input's labelled sample grid: a "source" row over an "adapted" row of the same latents
+    (a folder: one row of its first pictures), `SAMPLE_TILE` px tiles, the input in the caption strip."""
+    from PIL import Image
 
+    from ipltool.figures import grid_figure
     from ipltool.images import load_rgb, png_bytes
 
     count = SAMPLE_COLUMNS if item.available is None else min(SAMPLE_COLUMNS, item.available)
     if item.kind == "folder":
-        from torchvision.transforms.functional import pil_to_tensor
-
-        pictures = [pil_to_tensor(load_rgb(p).resize((128, 128))) for p in item.files[:count]]
-        grid = torch.stack(pictures)
+        rows, labels = [[load_rgb(p) for p in item.files[:count]]], ["images"]
     else:
         batch = next(item.batches(0, count, count, settings.truncation, settings.seed, device))
-        grid = torch.cat([batch["source"], batch["target"]]).cpu()
+        rows = [[Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in batch[key]] for key in ("source", "target")]
+        labels = ["source", "adapted"]
+    parts = (item.domain.name if item.domain else "", item.label, item.name)  # a folder's label is its name
+    caption = " · ".join(part for part in dict.fromkeys(parts) if part)
+    figure = grid_figure(rows, SAMPLE_TILE, row_labels=labels, caption=caption)
     path = report_dir / "samples" / f"{item.name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, png_bytes(grid.float() / 127.5 - 1, nrow=count))
+    atomic_write_bytes(path, png_bytes(figure))
     return path.relative_to(report_dir).as_posix()
 
 
@@ -73,7 +87,7 @@ def eval_command(
     report: Path = typer.Option(Path("report"), "--report", help="Report folder (metrics.json, .csv, .md, index.html)."),
     compare: bool = typer.Option(False, "--compare", help="Print the paper-style table: a row per domain, a column per method."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random networks, 16 samples: a plumbing check (implied by --smoke runs)."),
-    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    json_output: bool = console.json_option("Print the results as JSON."),
 ) -> None:
     """Measure adapted generators: IS, FID/KID, SIFID, SCS, ID similarity, CLIP score, diversity.
 
@@ -82,28 +96,55 @@ def eval_command(
     samples computes only what is new. A metric whose network weights are missing is
     reported as null with the reason, never computed with random weights.
 
+    An input with nothing to measure (a train-mapper or unfinished run, a folder without
+    images) and picture files Pillow cannot read are skipped with one line each; the
+    rest is evaluated, and the exit code is 1 when anything was skipped.
+
     Examples: ipl eval runs/disney-* --compare   |   ipl eval runs/disney-a runs/disney-b --metrics clip,id --n 200
     """
     # The metric networks import torch: loaded here, so `ipl eval --help` stays instant.
     from ipltool.images import find_images
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ipltool.metrics.evaluate import Evaluator, Settings
-    from ipltool.metrics.sampling import resolve_input
+    from ipltool.metrics.sampling import NotEvaluable, resolve_input
+    from ipltool.models.clip import check_model_name
 
     if not inputs:
         raise UsageError("no runs to evaluate", hint="pass `ipl adapt` run folders, e.g. ipl eval runs/disney-*")
     if sifid_layer not in (64, 192):
         raise UsageError(f"--sifid-layer must be 64 or 192, not {sifid_layer}")
     if scs_edge not in ("hed", "sobel"):
-        raise UsageError(f"--scs-edge must be hed or sobel, not {scs_edge!r}")
+        raise UsageError(f"--scs-edge must be hed or sobel, not {scs_edge!r}{did_you_mean(scs_edge, ('hed', 'sobel'))}")
     if id_backbone not in ("dlib", "arcface"):
-        raise UsageError(f"--id-backbone must be dlib or arcface, not {id_backbone!r}")
+        raise UsageError(f"--id-backbone must be dlib or arcface, not {id_backbone!r}{did_you_mean(id_backbone, ('dlib', 'arcface'))}")
+    if not (math.isfinite(truncation) and 0 <= truncation <= 1):
+        raise UsageError(f"--truncation must be a number in [0, 1] (got {truncation})", hint="0.7 is the papers' value; 1 turns truncation off")
+    for name in clip or []:
+        check_model_name(name)  # the same check with --smoke, which measures with the tiny CLIP instead
     for path in [reference, *(sifid_ref or [])]:
         if path is not None and not path.exists():
             raise UsageError(f"no such reference: {path}")
     chosen = _parse_metrics(metrics)
-    items = [resolve_input(path, domain, report) for path in inputs]
+    # An input with nothing to measure (a train-mapper run matched by runs/disney-*, a folder
+    # without images) is skipped with one line; the others are evaluated, and the exit code says so.
+    items, skipped = [], []
+    for path in inputs:
+        try:
+            item = resolve_input(path, domain, report)
+        except NotEvaluable as err:
+            skipped.append({"path": str(path), "reason": err.reason})
+            console.err.print(f"[yellow]skipped[/] {console.escape(path)}: {console.escape(err.reason)}")
+            continue
+        if item.unreadable:
+            first, why = item.unreadable[0]
+            skipped.append({"path": str(path), "reason": f"{len(item.unreadable)} unreadable file(s)", "files": [str(p) for p, _ in item.unreadable]})
+            total = len(item.files) + len(item.unreadable)
+            console.err.print(
+                f"[yellow]skipped[/] {len(item.unreadable)} of {total} files in {console.escape(path)} that Pillow cannot read "
+                f"(first: {console.escape(why)})"
+            )
+        items.append(item)
+    if not items:
+        raise UsageError(f"nothing to evaluate: all {len(inputs)} input(s) were skipped", hint="pass `ipl adapt` run folders (with generator.pt) or image folders")
     taken: set[str] = set()
     for item in items:  # runs made in the same second under different folders share a name
         base, counter = item.name, 2
@@ -141,19 +182,9 @@ def eval_command(
     report.mkdir(parents=True, exist_ok=True)
 
     results = []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console.err, disable=console.options.quiet or console.options.json,
-    )
-    with progress:
-        tasks: dict[str, int] = {}
-
-        def tick(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(name, total=total)
-            progress.update(tasks[name], completed=done, total=total)
-
-        evaluator = Evaluator(settings, device, tick)
+    with Reporter("sample") as progress:
+        # A task per input or reference folder, as the Evaluator names them; each metric's pass restarts it.
+        evaluator = Evaluator(settings, device, lambda name, done, total: progress.update(f"eval {name}", done, total))
         for item in items:
             outcome = evaluator.evaluate(item, report)
             outcome.update(
@@ -168,31 +199,59 @@ def eval_command(
     }
     paths = write_report(report, results, settings_record)
     if console.wants_json(json_output):
-        console.print_json({"report": {k: str(v) for k, v in paths.items()}, "runs": results})
-        return
-    _print(results, compare)
-    console.out.print(f"report: {paths['index.html']}  (also metrics.json, metrics.csv, metrics.md)")
-    missing = {k for r in results for k in r["reasons"]}
-    if missing:
-        console.out.print(f"[dim]missing values ({', '.join(sorted(missing))}): reasons in {paths['metrics.md']}[/]")
+        console.print_json({"report": {k: str(v) for k, v in paths.items()}, "runs": results, "skipped": skipped})
+    else:
+        _print(results, compare)
+        console.out.print(f"report: {console.escape(paths['index.html'])}  (also metrics.json, metrics.csv, metrics.md)")
+    if skipped:
+        raise typer.Exit(1)  # the report covers the rest; the lines above name what was left out
 
 
 def _print(results: list[dict], compare: bool) -> None:
+    """The results as terminal tables, then the numbered reasons for missing values.
+
+    By default a metric per row and an input per column under its short label (`disney·ipl`),
+    split into several tables when the inputs do not fit the terminal's width; with
+    `compare` the paper's layout: per metric, a row per domain and a column per method.
+    """
+    esc = console.escape
+    notes = missing_notes(results)
     if compare:
-        for key, (rows, columns, cells) in tables(results).items():
-            table = Table(title=key)
-            table.add_column("domain")
-            for column in columns:
-                table.add_column(column, justify="right")
-            for row in rows:
-                table.add_row(row, *(cells.get((row, c), "") for c in columns))
+        paper = tables(results)
+        columns = next(iter(paper.values()))[1] if paper else []
+        table = Table(title="ipl eval --compare", box=box.SIMPLE_HEAD, title_justify="left")
+        table.add_column("metric")
+        table.add_column("domain")
+        for column in columns:
+            table.add_column(esc(column), justify="right")
+        for key, (rows, _, cells) in paper.items():
+            for j, row in enumerate(rows):
+                table.add_row(esc(heading(key)) if j == 0 else "", esc(row), *(esc(cells.get((row, c), "")) for c in columns))
+            if len(rows) > 1:
+                table.add_section()  # several domains: keep each metric's rows together
+        console.out.print(table)
+    else:
+        labels, keys = run_labels(results), metric_keys(results)
+        texts = {k: [cell(results, i, k, notes) for i in range(len(results))] for k in keys}
+        # Each column takes its text, 2 cells of padding and 1 of separator; the table's edges 2 more.
+        first = max([len("metric"), *(len(heading(k)) for k in keys)]) + 5
+        chunks: list[list[int]] = [[]]
+        used = first
+        for i, label in enumerate(labels):
+            width = max([len(label), *(len(texts[k][i]) for k in keys)]) + 3
+            if chunks[-1] and used + width > console.out.width:
+                chunks.append([])
+                used = first
+            chunks[-1].append(i)
+            used += width
+        for part, chunk in enumerate(chunks, 1):
+            title = "ipl eval" if len(chunks) == 1 else f"ipl eval ({part}/{len(chunks)})"
+            table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+            table.add_column("metric")
+            for i in chunk:
+                table.add_column(esc(labels[i]), justify="right")
+            for key in keys:
+                table.add_row(esc(heading(key)), *(esc(texts[key][i]) for i in chunk))
             console.out.print(table)
-        return
-    keys = metric_keys(results)
-    table = Table(title="ipl eval")
-    table.add_column("input")
-    for key in keys:
-        table.add_column(key, justify="right")
-    for r in results:
-        table.add_row(r["name"], *(format_value(r, k) for k in keys))
-    console.out.print(table)
+    for number, why in enumerate(notes.reasons, 1):
+        console.out.print(f"[dim]{superscript(number)} {esc(why)}[/]")

@@ -88,7 +88,7 @@ def fetch(
     link: bool = typer.Option(False, "--link", help="With --import: link the file instead of copying it."),
     from_nvlabs: bool = typer.Option(False, "--from-nvlabs", help="With --import: FILE is an NVlabs network pickle, whatever its name."),
     force: bool = typer.Option(False, "--force", help="Download again even when the file is in the cache."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_output: bool = console.json_option(),
 ) -> None:
     """Download pretrained weights into the cache, verified; list, verify or import them.
 
@@ -119,7 +119,7 @@ def fetch(
         if console.wants_json(json_output):
             console.print_json({"models": [_row(state)]})
         else:
-            console.out.print(f"{name}: imported to {path} ({_verified_text(state)})")
+            console.out.print(f"{name}: imported to {console.escape(path)} ({_verified_text(state)})")
         return
     for spec in domain or []:
         names += [n for n in hub.domain_models(load_domain(spec)) if n not in names]

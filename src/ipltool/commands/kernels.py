@@ -69,7 +69,7 @@ def _status() -> dict:
 
 
 @app.command("info")
-def info(json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def info(json_output: bool = console.json_option("Print JSON instead of a table.")) -> None:
     """Show which implementation runs here and why, the toolchain, and the kernel cache."""
     status = _status()
     if console.wants_json(json_output):
@@ -94,7 +94,7 @@ def info(json_output: bool = typer.Option(False, "--json", help="Print JSON inst
 def build_command(
     arch: Optional[str] = typer.Option(None, "--arch", help="GPU architectures, e.g. 9.0 or '8.0;9.0' (default: TORCH_CUDA_ARCH_LIST, else this GPU's)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show the compiler commands and their output."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_output: bool = console.json_option(),
 ) -> None:
     """Compile the kernels now (for example in a container image) instead of on first use.
 

@@ -2,7 +2,9 @@
 
 Training commands apply, in order: the domain file, `--smoke`'s settings, `--set`
 and `--clip`, then their own named flags (`--steps`, `--lr`, ...). Each layer is
-validated again, so a bad value is reported with its key.
+validated again, so a bad value is reported with its key (`override: key 'adapt.steps':
+...` for `--set`), or in the words of the named flag that set it (`--steps must be ≥ 1
+(got -5)`).
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 def parse_clips(items: list[str] | None) -> list[dict] | None:
     """`--clip` values as the domain's `clip` list (None when the flag is not given).
 
+    The model names are checked when the models are built (`build_models`), the same
+    way with and without `--smoke`.
+
     Raises:
-        UsageError: a weight that is not a number.
+        UsageError: an empty model name, or a weight that is not a number.
     """
     if not items:
         return None
@@ -59,6 +64,8 @@ def parse_clips(items: list[str] | None) -> list[dict] | None:
     for item in items:
         spec, _, weight = item.partition("=")
         model, _, pretrained = spec.partition(":")
+        if not model.strip():
+            raise UsageError(f"--clip {item!r}: no model name", hint="expected MODEL[:PRETRAINED][=WEIGHT], e.g. --clip ViT-B/32")
         entry: dict[str, Any] = {"model": model.strip()}
         if pretrained.strip():
             entry["pretrained"] = pretrained.strip()
@@ -71,10 +78,18 @@ def parse_clips(items: list[str] | None) -> list[dict] | None:
     return clips
 
 
-def apply_flags(domain: Domain, smoke_overrides: dict | None, sets: list[str] | None, clips: list[str] | None, named: dict) -> Domain:
-    """The domain with every override layer applied in the documented order."""
+def apply_flags(
+    domain: Domain, smoke_overrides: dict | None, sets: list[str] | None, clips: list[str] | None, named: dict[str, tuple[str, Any]]
+) -> Domain:
+    """The domain with every override layer applied in the documented order.
+
+    Args:
+        named: the command's own flags as `{domain key: (flag, value)}`, e.g.
+            `{"adapt.steps": ("--steps", 300)}`; a None value leaves the key alone, and
+            a bad value is reported with the flag's name.
+    """
     if smoke_overrides:
         domain = domain.with_overrides(smoke_overrides)
     domain = domain.with_overrides(parse_sets(sets))
     domain = domain.with_overrides({"clip": parse_clips(clips)})
-    return domain.with_overrides(named)
+    return domain.with_overrides({key: value for key, (_, value) in named.items()}, flags={key: flag for key, (flag, _) in named.items()})

@@ -10,7 +10,7 @@ from ipltool import console, registry
 
 def plugins(
     kind: str = typer.Option(None, "--kind", help="Only one kind: mappers, encoders or domains."),
-    json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_output: bool = console.json_option("Print JSON instead of a table."),
 ) -> None:
     """List installed plugins (mappers, encoders, domain packs), built-ins included.
 
@@ -27,5 +27,6 @@ def plugins(
     for column in ("kind", "name", "distribution", "version", "target"):
         table.add_column(column)
     for p in found:
-        table.add_row(p.kind, p.name, p.dist + (" (built-in)" if p.builtin else ""), p.version, p.value)
+        cells = (p.kind, p.name, p.dist + (" (built-in)" if p.builtin else ""), p.version, p.value)
+        table.add_row(*(console.escape(c) for c in cells))  # third-party names and targets, not markup
     console.out.print(table)

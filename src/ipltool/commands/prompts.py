@@ -24,8 +24,16 @@ app = typer.Typer(
     ),
 )
 
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+JSON_OPTION = console.json_option("Print JSON instead of a table.")
 _ORIGIN_LABEL = {"path": "file", "user": "user dir", "builtin": "built-in", "plugin": "plugin"}
+
+
+def _from_label(entry: DomainEntry) -> str:
+    """Where a domain comes from, for the table: `user dir`, `built-in`, `plugin: DIST (PACK)` or `file: PATH`."""
+    label = _ORIGIN_LABEL[entry.origin]
+    # Only a plugin (which package) and a path (which file) say more than the origin: the
+    # user dir's provider is "user dir" again (its path is printed under the table).
+    return f"{label}: {entry.provider}" if entry.origin in ("plugin", "path") and entry.provider else label
 
 
 def _entry_json(entry: DomainEntry) -> dict:
@@ -60,7 +68,7 @@ def list_domains(json_output: bool = JSON_OPTION) -> None:
     for column in ("name", "source -> target", "generator", "from", "status"):
         table.add_column(column)
     for e in entries:
-        from_ = _ORIGIN_LABEL[e.origin] + ("" if e.origin == "builtin" else f": {e.provider}")
+        from_ = _from_label(e)
         if e.error:
             status, style = "broken (see `ipl prompts validate`)", "red"
         elif e.shadowed_by:
@@ -68,16 +76,10 @@ def list_domains(json_output: bool = JSON_OPTION) -> None:
         else:
             status, style = "ok", ""
         d = e.domain
-        table.add_row(
-            e.name,
-            f"{d.source} -> {d.target}" if d else "?",
-            d.generator if d else "?",
-            from_,
-            status,
-            style=style,
-        )
+        cells = [e.name, f"{d.source} -> {d.target}" if d else "?", d.generator if d else "?", from_]
+        table.add_row(*(console.escape(c) for c in cells), status, style=style)  # cells are text from files, not markup
     console.out.print(table)
-    console.info(f"user domain dir: {user_domain_dir()}")
+    console.info(f"user domain dir: {console.escape(user_domain_dir())}")
 
 
 @app.command("show")
@@ -118,17 +120,17 @@ def validate(
     for path in files:
         try:
             domain = load_domain_file(path)
-            results.append({"file": str(path), "ok": True, "name": domain.name, "error": None})
+            results.append({"file": str(path), "ok": True, "name": domain.name, "error": None, "problems": []})
         except DomainError as err:
-            results.append({"file": str(path), "ok": False, "name": None, "error": err.message})
+            results.append({"file": str(path), "ok": False, "name": None, "error": err.message, "problems": err.message.splitlines()})
     if console.wants_json(json_output):
         console.print_json(results)
     else:
         for r in results:
             if r["ok"]:
-                console.out.print(f"[green]ok[/]    {r['file']} ({r['name']})")
-            else:
-                console.out.print(f"[red]error[/] {r['error']}")
+                console.out.print(f"[green]ok[/]    {console.escape(r['file'])} ({console.escape(r['name'])})")
+            else:  # one line per problem, each with its file:line
+                console.out.print("\n".join(f"{'[red]error[/]' if i == 0 else '     '} {console.escape(p)}" for i, p in enumerate(r["problems"])))
     bad = sum(not r["ok"] for r in results)
     if bad:
         raise UsageError(f"{bad} of {len(results)} domain file(s) invalid")

@@ -11,13 +11,12 @@ from rich.table import Table
 
 from ipltool import console, registry
 from ipltool.devices import resolve_device
-from ipltool.errors import Interrupted, PluginError, UsageError
+from ipltool.errors import Interrupted, PluginError, UsageError, did_you_mean
 from ipltool.interrupt import graceful_stop
 from ipltool.precision import Precision, precision_option
+from ipltool.progress import track
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
-
     from ipltool.invert.outputs import Layout
     from ipltool.invert.stylize import Stylizer
 
@@ -46,26 +45,11 @@ def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dic
     return plugin.load(weights, device=device, **options)
 
 
-def _progress() -> Progress:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _count_fields(counts) -> dict[str, int]:
+    """Photos per status, in the summary's order: the fields of a progress update."""
+    from ipltool.invert.outputs import ERROR, FINAL
 
-    return Progress(
-        TextColumn("[bold]stylize"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[counts]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=console.err,
-        disable=console.options.quiet or console.options.json,
-    )
-
-
-def _counts_text(counts) -> str:
-    from ipltool.invert.outputs import ERROR, NO_FACE, OK, UNREADABLE
-
-    return f"ok {counts[OK]} · no face {counts[NO_FACE]} · unreadable {counts[UNREADABLE]} · error {counts[ERROR]}"
+    return {status: counts[status] for status in (*FINAL, ERROR)}
 
 
 def stylize(
@@ -91,7 +75,7 @@ def stylize(
     batch: int = typer.Option(4, "--batch", min=1, help="Faces per encoder and generator call."),
     precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random encoder and generators with the real face alignment: an install check."),
-    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    json_output: bool = console.json_option("Print the summary as JSON."),
 ) -> None:
     """Stylize the faces in photos with adapted generators.
 
@@ -110,9 +94,9 @@ def stylize(
     from ipltool.train.setup import SMOKE_NOTE
 
     if faces not in ("largest", "all"):
-        raise UsageError(f"--faces must be largest or all, not {faces!r}")
+        raise UsageError(f"--faces must be largest or all, not {faces!r}{did_you_mean(faces, ('largest', 'all'))}")
     if paste_mask not in ("square", "ellipse"):
-        raise UsageError(f"--paste-mask must be square or ellipse, not {paste_mask!r}")
+        raise UsageError(f"--paste-mask must be square or ellipse, not {paste_mask!r}{did_you_mean(paste_mask, ('square', 'ellipse'))}")
     if no_align and (paste_back or faces == "all" or landmarks):
         raise UsageError("--no-align takes the whole image as the face; drop --paste-back, --faces all and --landmarks")
     options = {}
@@ -171,11 +155,12 @@ def stylize(
 
     start = time.perf_counter()
     stopped = False
-    with graceful_stop() as stop, _progress() as progress:
-        task = progress.add_task("stylize", total=len(todo), counts=_counts_text(stylizer.counts))
+    with graceful_stop() as stop, track(len(todo), "stylize", unit="photo") as update:
+        done = 0
         for group in groups(todo, stylizer.prepare, batch):
             stylizer.process(group)
-            progress.update(task, advance=len(group), counts=_counts_text(stylizer.counts))
+            done += len(group)
+            update(done, **_count_fields(stylizer.counts))
             if stop.requested:
                 stopped = True
                 break
@@ -223,6 +208,6 @@ def _summary(stylizer: Stylizer, kept: list[dict], total: int, seconds: float, l
     if kept:
         table.add_row("[dim]skipped (done before)[/]", str(len(kept)))
     console.out.print(table)
-    console.out.print(f"outputs: {layout.root}   manifest: {layout.manifest}")
+    console.out.print(f"outputs: {console.escape(layout.root)}   manifest: {console.escape(layout.manifest)}")
     if any(counts[s] for s in (NO_FACE, UNREADABLE, ERROR)):
-        console.out.print(f"[dim]failed photos and their errors: grep -v '\"status\": \"ok\"' {layout.manifest}[/]")
+        console.out.print(f"[dim]failed photos and their errors: grep -v '\"status\": \"ok\"' {console.escape(layout.manifest)}[/]")

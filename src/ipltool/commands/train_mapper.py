@@ -27,7 +27,7 @@ def train_mapper(
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
     precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
-    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_output: bool = console.json_option(),
 ) -> None:
     """Train the IPL prompt mapper (stage 1) and write runs/<domain>-<time>/mapper.pt.
 
@@ -39,7 +39,13 @@ def train_mapper(
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
     from ipltool.train.stage1_run import run_stage1
 
-    named = {"mapper.steps": steps, "mapper.batch": batch, "mapper.lr": lr, "mapper.seed": seed, "mapper.kind": kind}
+    named = {  # domain key: (flag, value); a bad value is reported as the flag
+        "mapper.steps": ("--steps", steps),
+        "mapper.batch": ("--batch", batch),
+        "mapper.lr": ("--lr", lr),
+        "mapper.seed": ("--seed", seed),
+        "mapper.kind": ("--mapper-kind", kind),
+    }
     resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
@@ -50,7 +56,7 @@ def train_mapper(
     run_table = {"stage": "mapper", "smoke": smoke, "device": str(device), "precision": run_precision.name}
     config = {**resolved.resolved().to_toml_dict(), "run": run_table}
     run = RunDir.create(out, resolved.name, config)
-    console.info(f"run directory: {run.path}")
+    console.info(f"run directory: {console.escape(run.path)}")
     with step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
         last = run_stage1(resolved, models, run, chunk=chunk, on_step=update, precision=run_precision)
     if console.wants_json(json_output):
@@ -58,4 +64,4 @@ def train_mapper(
             {"run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": last, "smoke": smoke, "precision": run_precision.name}
         )
     else:
-        console.out.print(f"mapper written to {run.mapper_path}")
+        console.out.print(f"mapper written to {console.escape(run.mapper_path)}")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from ipltool.errors import UnknownNameError, UsageError
+from ipltool.errors import UsageError, unknown_name
 
 PRESETS = {"encoder": (256, 256), "ffhq": (1024, 4096)}  # name -> (output_size, transform_size)
 DEFAULT_PRESET = "encoder"
@@ -39,7 +39,7 @@ def alignment_sizes(size: int | str = DEFAULT_PRESET) -> tuple[int, int]:
         if size in PRESETS:
             return PRESETS[size]
         if not size.strip().isdigit():
-            raise UnknownNameError(f"unknown alignment preset {size!r} (known: {', '.join(PRESETS)}, or a size in pixels)")
+            raise unknown_name("alignment preset", size, PRESETS, hint="or a size in pixels")
         size = int(size)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise UsageError(f"alignment size must be a positive number of pixels, got {size!r}")
@@ -318,7 +318,7 @@ def paste_mask(s: np.ndarray, t: np.ndarray, mask: str = "square", margin: float
         r = np.hypot((s - 0.5) / 0.45, (t - 0.52) / 0.5)
         m = np.clip((1.0 - r) / 0.15, 0.0, 1.0)
     else:
-        raise UsageError(f"unknown paste mask {mask!r} (known: {', '.join(PASTE_MASKS)})")
+        raise unknown_name("paste mask", mask, PASTE_MASKS, error=UsageError)
     inside = (s >= 0) & (s <= 1) & (t >= 0) & (t <= 1)
     return np.where(inside, m, 0.0).astype(np.float32)
 
@@ -355,7 +355,7 @@ def paste_back(
         outside the face square) are exactly the photo's.
     """
     if mask not in PASTE_MASKS:
-        raise UsageError(f"unknown paste mask {mask!r} (known: {', '.join(PASTE_MASKS)})")
+        raise unknown_name("paste mask", mask, PASTE_MASKS, error=UsageError)
     if not feather > 0 or not margin >= 0:
         raise UsageError(f"paste mask needs feather > 0 and margin >= 0, got feather={feather}, margin={margin}")
     photo = np.array(original.convert("RGB"))  # a copy: the input stays as it was

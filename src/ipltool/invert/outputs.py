@@ -8,7 +8,7 @@ Layout of `--out DIR`:
     stylized/<label>/<name>.png    the same code through each adapted generator
     pasted/<label>/<name>.<ext>    (--paste-back) the photo with its faces replaced
     latents/<name>.pt              (--save-latents) {"w_plus": (faces, n_latent, 512), ...}
-    contact-sheet-NNN.png          rows of aligned | reconstruction | each stylized
+    contact-sheet-NNN.png          columns aligned | reconstruction | each stylized, a named row per face
 
 With `--faces all`, face k (1 = largest) of a photo writes `<name>-face<k>.png`. Every file
 is written to a temporary name and renamed, so an interrupted run leaves no half file,
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from ipltool.atomic import atomic_write_bytes, atomic_write_text
+from ipltool.figures import fit_tile, grid_figure
+from ipltool.images import png_bytes
 
 MANIFEST_NAME = "manifest.jsonl"
 SHEET_ROWS = 16
@@ -37,13 +38,6 @@ SHEET_THUMB = 128
 #: (a photo without a face will not grow one); `error` is tried again.
 OK, NO_FACE, UNREADABLE, ERROR = "ok", "no face", "unreadable", "error"
 FINAL = (OK, NO_FACE, UNREADABLE)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """`image` encoded as PNG."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def encoded(image: Image.Image, suffix: str) -> bytes:
@@ -170,15 +164,17 @@ def is_done(record: dict | None, layout: Layout, expected_labels: list[str], pas
 
 @dataclass
 class ContactSheet:
-    """Pages of `SHEET_ROWS` faces: aligned | reconstruction | each stylized, `SHEET_THUMB` px.
+    """Pages of `SHEET_ROWS` faces, `SHEET_THUMB` px: a header band (aligned, reconstruction, each
+    stylized label) and one row per face, headed by the face's output name.
 
     A page is written as soon as it is full (and the last one at the end), so memory stays
     flat over thousands of photos and an interrupted run keeps its finished pages.
     """
 
     layout: Layout
-    columns: int
-    rows: list[list[np.ndarray]] = field(default_factory=list)
+    headers: list[str]
+    rows: list[list[Image.Image]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
     page: int = 0
     written: list[str] = field(default_factory=list)
 
@@ -188,10 +184,10 @@ class ContactSheet:
         numbers = [int(p.stem.rsplit("-", 1)[1]) for p in existing if p.stem.rsplit("-", 1)[1].isdigit()]
         self.page = max(numbers, default=0)
 
-    def add(self, images: list[Image.Image]) -> None:
-        """One face's row; `images` in column order."""
-        row = [np.asarray(im.convert("RGB").resize((SHEET_THUMB, SHEET_THUMB), Image.Resampling.LANCZOS)) for im in images]
-        self.rows.append(row)
+    def add(self, name: str, images: list[Image.Image]) -> None:
+        """One face's row: its output name (the relative name, `-face<k>` with --faces all) and `images` in header order."""
+        self.rows.append([fit_tile(im, SHEET_THUMB) for im in images])  # thumbnails only: memory stays flat
+        self.names.append(name)
         if len(self.rows) >= SHEET_ROWS:
             self.flush()
 
@@ -199,13 +195,8 @@ class ContactSheet:
         """Write the pending rows as the next page."""
         if not self.rows:
             return
-        pad, t = 4, SHEET_THUMB
-        sheet = np.full((pad + len(self.rows) * (t + pad), pad + self.columns * (t + pad), 3), 255, np.uint8)
-        for r, row in enumerate(self.rows):
-            for c, thumb in enumerate(row):
-                y, x = pad + r * (t + pad), pad + c * (t + pad)
-                sheet[y : y + t, x : x + t] = thumb
+        sheet = grid_figure(self.rows, SHEET_THUMB, row_labels=self.names, column_labels=self.headers)
         self.page += 1
         path = self.layout.root / f"contact-sheet-{self.page:03d}.png"
-        self.written.append(self.layout.write(path, png_bytes(Image.fromarray(sheet))))
-        self.rows = []
+        self.written.append(self.layout.write(path, png_bytes(sheet)))
+        self.rows, self.names = [], []

@@ -106,7 +106,7 @@ class Stylizer:
         self.device = device
         self.detector = detector
         self.manifest = Manifest(layout)
-        self.sheet = ContactSheet(layout, columns=2 + len(targets))
+        self.sheet = ContactSheet(layout, headers=["aligned", "reconstruction", *(target.label for target in targets)])
         self.counts: Counter[str] = Counter()
         self.faces_done = 0
 
@@ -233,7 +233,7 @@ class Stylizer:
                 entry["stylized"][target.label] = layout.write(layout.stylized(target.label, face.stem), png_bytes(picture))
                 row.append(picture)
             outputs.append(entry)
-            self.sheet.add(row)
+            self.sheet.add(face.stem, row)
         record["outputs"] = outputs
         record["precision"] = self.options.precision.name
         if self.options.paste_back and item.image is not None:

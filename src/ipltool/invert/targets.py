@@ -39,24 +39,33 @@ def _run_config(path: Path) -> dict:
         return {}
 
 
-def find_domain_run(domain: str, runs_root: Path, smoke: bool) -> Path | None:
-    """The newest adapt run of `domain` under `runs_root` that has a `generator.pt`.
+def finished_runs(domain: str, runs_root: Path) -> list[tuple[Path, bool]]:
+    """Every finished adapt run of `domain` under `runs_root`, newest first, as `(folder, smoke)`.
 
-    Run folders are named `<domain>-<YYYYmmdd-HHMMSS>[-N]`, so the name sorts by time.
-    Smoke runs (tiny random models) only match a `--smoke` stylize, and real runs only a
-    real one: their generators are not interchangeable.
+    Run folders are named `<domain>-<YYYYmmdd-HHMMSS>[-N]`, so the name sorts by time;
+    a run counts once it has its `generator.pt`.
     """
     pattern = re.compile(rf"^{re.escape(domain)}-\d{{8}}-\d{{6}}(-\d+)?$")
     if not runs_root.is_dir():
-        return None
+        return []
     candidates = sorted((p for p in runs_root.iterdir() if p.is_dir() and pattern.match(p.name)), reverse=True)
+    found = []
     for path in candidates:
         if not (path / GENERATOR_NAME).is_file():
             continue  # still training, or interrupted before the end
         run_table = _run_config(path).get("run", {})
-        if run_table.get("stage") == "adapt" and bool(run_table.get("smoke")) == smoke:
-            return path
-    return None
+        if run_table.get("stage") == "adapt":
+            found.append((path, bool(run_table.get("smoke"))))
+    return found
+
+
+def find_domain_run(domain: str, runs_root: Path, smoke: bool) -> Path | None:
+    """The newest adapt run of `domain` under `runs_root` that has a `generator.pt`.
+
+    Smoke runs (tiny random models) only match a `--smoke` stylize, and real runs only a
+    real one: their generators are not interchangeable.
+    """
+    return next((path for path, is_smoke in finished_runs(domain, runs_root) if is_smoke == smoke), None)
 
 
 def _label_from(path: Path) -> str:
@@ -126,12 +135,26 @@ def plan_targets(generators: list[Path], domains: list[str], runs_root: Path, sm
     for spec in generators:
         specs.append(TargetSpec(_unique(_label_from(spec), taken), _generator_file(spec), str(spec)))
     for domain in domains:
-        run = find_domain_run(domain, runs_root, smoke)
+        runs = finished_runs(domain, runs_root)
+        run = next((path for path, is_smoke in runs if is_smoke == smoke), None)
+        # The runs of the other kind were passed over: say so, or the user wonders where they went.
+        others = [path for path, is_smoke in runs if is_smoke != smoke]
         if run is not None:
             specs.append(TargetSpec(_unique(domain, taken), run / GENERATOR_NAME, str(run)))
         elif smoke:
-            console.info(f"[yellow]--smoke: no smoke run of {domain!r} under {runs_root}; using a random tiny stand-in[/]")
+            passed = f" (skipped {len(others)} real run(s): --smoke renders with tiny random models only)" if others else ""
+            console.info(
+                f"[yellow]--smoke: no smoke run of {console.escape(repr(domain))} under {console.escape(runs_root)}; "
+                f"using a random tiny stand-in{passed}[/]"
+            )
             specs.append(TargetSpec(_unique(domain, taken), None, "random stand-in (--smoke)"))
+        elif others:
+            raise UsageError(
+                f"no finished `ipl adapt` run of {domain!r} under {runs_root}: found {len(others)} --smoke run(s) "
+                f"(newest {others[0]}) and skipped them: their tiny random generators only go with --smoke",
+                hint=f"check the plumbing with `ipl stylize ... --domain {domain} --smoke` (or --smoke -g {others[0]}); "
+                f"for real pictures train one with `ipl adapt --domain {domain}`",
+            )
         else:
             raise UsageError(
                 f"no finished `ipl adapt` run of {domain!r} under {runs_root}",

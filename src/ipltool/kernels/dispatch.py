@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, did_you_mean
 from ipltool.kernels import build
 
 ENV_VAR = "IPL_KERNELS"
@@ -33,7 +33,7 @@ def kernel_choice(impl: str | None = None) -> str:
     choice = (impl if impl is not None else os.environ.get(ENV_VAR, "auto")).strip().lower() or "auto"
     if choice not in CHOICES:
         source = "the call" if impl is not None else ENV_VAR
-        raise UsageError(f"unknown kernel implementation {choice!r} (from {source})", hint=f"use one of: {', '.join(CHOICES)}")
+        raise UsageError(f"unknown kernel implementation {choice!r} (from {source}){did_you_mean(choice, CHOICES)}", hint=f"use one of: {', '.join(CHOICES)}")
     return choice
 
 

@@ -11,21 +11,42 @@ sorted order (unpaired metrics only).
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from pydantic import ValidationError
 
 from ipltool import hub
+from ipltool.atomic import atomic_write_text
 from ipltool.domain import Domain, load_domain
 from ipltool.errors import UsageError
-from ipltool.images import find_images, load_rgb
+from ipltool.images import UnreadableImage, find_images, load_rgb
 from ipltool.models.stylegan2 import Generator, load_generator
 from ipltool.train.run import GENERATOR_NAME, RunDir
 
 #: Samples used for the truncation centre (its own seeded stream, like the run samples).
 MEAN_LATENT_SAMPLES = 4096
+
+
+class NotEvaluable(UsageError):
+    """An `ipl eval` input that holds nothing to measure: a train-mapper run, an unfinished
+    adapt run, a folder that is neither a run nor holds readable images.
+
+    `ipl eval` skips such an input with one line (`skipped PATH: REASON`) and goes on.
+
+    Args:
+        path: the input.
+        reason: why it is skipped, e.g. "a train-mapper run (no generator.pt)".
+        hint: what to do about it (optional).
+    """
+
+    def __init__(self, path: Path, reason: str, hint: str | None = None):
+        super().__init__(f"{path}: {reason}", hint=hint)
+        self.path = path
+        self.reason = reason
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -45,6 +66,7 @@ class EvalInput:
         path: what was given.
         cache_dir: where its features are cached.
         fingerprint: changes whenever what it renders or holds changes.
+        unreadable: files of a folder that Pillow cannot read (left out of `files`), with why.
     """
 
     label: str
@@ -56,6 +78,7 @@ class EvalInput:
     fingerprint: str
     smoke: bool = False
     files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
     _target: Generator | None = None
     _source: Generator | None = None
     _means: dict[int, torch.Tensor] = field(default_factory=dict)  # truncation centre per seed
@@ -141,21 +164,29 @@ def resolve_input(spec: Path, domain_name: str | None, report_dir: Path) -> Eval
         report_dir: the report folder; checkpoints' and folders' features are cached there.
 
     Raises:
-        UsageError: a missing path, a run that is not a finished adapt run, or a
-            checkpoint without --domain.
+        NotEvaluable: nothing to measure there: a run that is not a finished adapt run, a
+            folder that is neither a run nor holds readable images.
+        UsageError: a missing path, or a checkpoint without --domain.
     """
     if not spec.exists():
         raise UsageError(f"no such run, checkpoint or folder: {spec}")
     if spec.is_dir() and (spec / "config.toml").is_file():
         run = RunDir.open(spec)
-        config = run.read_config()
+        try:
+            config = run.read_config()
+        except UsageError as err:
+            raise NotEvaluable(spec, f"a run whose config cannot be read ({err.message})") from None
         run_table = config.pop("run", {})
-        if run_table.get("stage") != "adapt" or not run.generator_path.is_file():
-            raise UsageError(
-                f"{spec} is not a finished `ipl adapt` run (no {GENERATOR_NAME})",
-                hint=f"finish it with `ipl adapt --resume {spec}`" if run_table.get("stage") == "adapt" else "pass an adapt run folder",
-            )
-        domain = Domain.model_validate(config)
+        stage = run_table.get("stage")
+        if stage != "adapt":
+            what = "a train-mapper run" if stage == "mapper" else f"a {stage or 'unknown'!r} run, not an adapt run"
+            raise NotEvaluable(spec, f"{what} (no {GENERATOR_NAME})", hint="pass `ipl adapt` run folders")
+        if not run.generator_path.is_file():
+            raise NotEvaluable(spec, f"an unfinished adapt run (no {GENERATOR_NAME})", hint=f"finish it with `ipl adapt --resume {spec}`")
+        try:
+            domain = Domain.model_validate(config)
+        except ValidationError as err:
+            raise NotEvaluable(spec, f"a run whose config.toml is not a valid domain ({err.errors()[0]['msg']})") from None
         return EvalInput(
             _method_label(domain), spec.name, domain, "run", spec, spec / "eval-cache",
             _file_fingerprint(run.generator_path), smoke=bool(run_table.get("smoke")),
@@ -166,7 +197,44 @@ def resolve_input(spec: Path, domain_name: str | None, report_dir: Path) -> Eval
         if domain is None:
             raise UsageError(f"{spec}: a generator checkpoint needs --domain (its source generator and texts)")
         return EvalInput(spec.stem, spec.stem, domain, "checkpoint", spec, cache, _file_fingerprint(spec))
-    return folder_input(spec, find_images(spec), cache, domain)
+    try:
+        files = find_images(spec)
+    except UsageError:
+        raise NotEvaluable(spec, "neither an `ipl adapt` run (no config.toml) nor a folder of images") from None
+    files, unreadable = readable_images(files, cache)
+    if not files:
+        raise NotEvaluable(spec, f"no image Pillow can read ({len(unreadable)} unreadable file(s), e.g. {unreadable[0][1]})")
+    item = folder_input(spec, files, cache, domain)
+    item.unreadable = unreadable
+    return item
+
+
+def readable_images(files: list[Path], cache_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Split `files` into pictures Pillow decodes and the others (with why), as `stylize` does.
+
+    Each file is decoded in full once (damaged data may fail only past a good header);
+    the verdict is kept in `cache_dir` under the listing's fingerprint, so that a later
+    eval of an unchanged folder does not decode it again.
+
+    Returns:
+        (readable files in the given order, [(unreadable file, reason)]).
+    """
+    listing = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
+    record = cache_dir / f"unreadable-{listing[:16]}.json"
+    try:
+        bad = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(bad, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError):
+        bad = {}
+        for path in files:
+            try:
+                load_rgb(path)
+            except UnreadableImage as err:
+                bad[str(path)] = err.message
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(bad, indent=1))
+    return [p for p in files if str(p) not in bad], [(p, str(bad[str(p)])) for p in files if str(p) in bad]
 
 
 def folder_input(path: Path, files: list[Path], cache_dir: Path, domain: Domain | None = None) -> EvalInput:

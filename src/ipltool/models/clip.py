@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from ipltool import hub
-from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError
+from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError, did_you_mean
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -105,17 +105,56 @@ def _is_openai_file(path: Path) -> bool:
     return all(is_int(state.get(key)) for key in _OPENAI_INT_KEYS)
 
 
-def _check_known_model(name: str) -> None:
+def _check_known_model(name: str, given: str | None = None) -> None:
     import open_clip
 
     known = open_clip.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5)
         choices = ", ".join(close or ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+        given = name if given is None else given
         raise UnknownNameError(
-            f"unknown CLIP architecture {name!r}",
-            hint=f"try one of: {choices}, or `tiny` (open_clip.list_models() lists all)",
+            f"unknown CLIP architecture {given!r}{did_you_mean(name, known)}",
+            hint=f"try one of: {choices}, or `tiny` (open_clip.list_models() lists all; OpenAI spellings such as ViT-B/32 work too)",
         )
+
+
+def check_model_name(model: str, pretrained: str | None = None) -> str:
+    """Check a CLIP architecture name (and weights tag) without building anything; return open_clip's spelling.
+
+    Accepted: the names of `open_clip.list_models()`, their OpenAI spellings (`ViT-B/32`),
+    `tiny`, and `hf-hub:...`/`local-dir:...` (whose configs open_clip reads when loading);
+    `pretrained` may be None, a file (checked when loaded) or a tag open_clip knows for it.
+    Training and `ipl eval` call it for every requested model with and without `--smoke`
+    (which swaps the models for the tiny one), so a typo fails the same way in both.
+
+    Raises:
+        UsageError: an empty name.
+        UnknownNameError: an unknown name or tag; the message names the closest known one.
+    """
+    name = normalize_model_name(model)
+    if not name or name in _SCHEMAS:
+        raise UsageError(f"empty CLIP model name (got {model!r})", hint="e.g. ViT-B/32 (open_clip.list_models() lists all)")
+    if name == TINY_MODEL or name.startswith(_SCHEMAS):
+        return name
+    _check_known_model(name, given=model)
+    if pretrained and not _looks_like_path(pretrained):
+        _check_tag(name, pretrained)
+    return name
+
+
+def _check_tag(name: str, pretrained: str) -> dict:
+    """open_clip's config of weights tag `pretrained` of architecture `name`, or UnknownNameError."""
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise UnknownNameError(
+            f"unknown CLIP weights {pretrained!r} for {name} (neither a known tag nor a file){did_you_mean(pretrained, tags)}",
+            hint=f"tags for {name}: {', '.join(tags)}" if tags else _fetch_hint(name),
+        )
+    return tag_cfg
 
 
 def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module:
@@ -165,13 +204,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
             ) from exc
 
     _check_known_model(name)
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        raise UnknownNameError(
-            f"unknown CLIP weights {pretrained!r} for {name} (neither a known tag nor a file)",
-            hint=f"tags for {name}: {', '.join(tags)}" if tags else _fetch_hint(name),
-        )
+    tag_cfg = _check_tag(name, pretrained)
     if hub.offline():
         raise UsageError(
             f"CLIP weights {name}/{pretrained} would be downloaded by open_clip, and downloads are off",

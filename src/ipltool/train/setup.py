@@ -13,7 +13,7 @@ import torch
 from ipltool import hub, registry
 from ipltool.domain import Domain
 from ipltool.errors import CheckpointError
-from ipltool.models.clip import Clip, PromptEncoder, load_clip
+from ipltool.models.clip import Clip, PromptEncoder, check_model_name, load_clip
 from ipltool.models.stylegan2 import Generator
 
 SMOKE_NOTE = "--smoke: tiny random models, a plumbing check; its pictures and losses mean nothing"
@@ -46,7 +46,14 @@ def build_models(domain: Domain, device: torch.device, smoke: bool = False) -> M
 
     Files missing from the cache are announced together, then downloaded (or, offline,
     named in one error with the `ipl fetch` line that provides them).
+
+    Raises:
+        UsageError: an empty CLIP model name; UnknownNameError: an unknown one, or an
+            unknown weights tag. Both are checked first, and also with `smoke`, which
+            does not use them.
     """
+    for spec in domain.clip:
+        check_model_name(spec.model, spec.pretrained)
     if not smoke:
         hub.ensure_all(hub.domain_models(domain))
     source = hub.load_generator_by_name("tiny" if smoke else domain.generator, device=device)

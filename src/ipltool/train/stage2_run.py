@@ -124,11 +124,11 @@ def run_stage2(
             hint="a run can be extended with a larger --steps, never shortened",
         )
     run.truncate_log(state.step if resumed else 0, stage=STAGE)
-    grid = SampleGrid(models.source, state.fixed_z, cfg.truncation, cfg.seed)
+    grid = SampleGrid(models.source, state.fixed_z, cfg.truncation, cfg.seed, tile=cfg.sample_size, title=f"{domain.name} · {cfg.method}")
     result = Stage2Result(last={}, resumed_from=state.step)
 
     def write_samples() -> None:
-        result.samples.append(grid.write(run.samples_dir / f"step-{state.step:06d}.png", state.ema))
+        result.samples.append(grid.write(run.samples_dir / f"step-{state.step:06d}.png", state.ema, step=state.step))
 
     while state.step < cfg.steps:
         if stop is not None and stop.requested:

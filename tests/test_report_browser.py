@@ -1,0 +1,92 @@
+"""The `ipl eval` page in a real browser: Debian's headless chromium loads it, shows one metrics table and every image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# CI sets it (.ci/run installs chromium): there a missing browser is a failure, not a skip.
+REQUIRED = os.environ.get("IPL_REQUIRE_BROWSER", "") not in ("", "0")
+
+if not REQUIRED:
+    pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is not installed")
+pytestmark = pytest.mark.skipif(
+    not REQUIRED and not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+    reason="needs Debian's chromium and chromedriver: apt-get install chromium chromium-driver",
+)
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory) -> Path:
+    """The report of an IPL and a NADA `--smoke` run of disney (CLIP metrics and FID, which has no reference)."""
+    from ipltool.cli import main
+
+    root = tmp_path_factory.mktemp("browser")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IPL_OFFLINE", "1")
+        mp.setenv("IPL_CACHE", str(root / "cache"))
+        mp.setenv("IPL_PLUGINS", "")
+        for method in ("ipl", "nada"):
+            assert main(["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", "1", "--out", str(root / method)]) == 0
+        runs = [str(next((root / method).iterdir())) for method in ("ipl", "nada")]
+        assert main(["--quiet", "eval", *runs, "--metrics", "clip,fid", "--n", "4", "--report", str(root / "report")]) == 0
+    return root / "report"
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    """Headless chromium driven through Debian's chromedriver (no driver download, no network)."""
+    if REQUIRED:
+        from selenium import webdriver
+    else:
+        webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
+    ):
+        options.add_argument(argument)
+    monkeypatch.setenv("SE_AVOID_STATS", "true")  # should Selenium Manager run at all, it must not phone home
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_report_page_shows_the_metrics_table_and_every_image(report_dir, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get((report_dir / "index.html").as_uri())
+    assert browser.title == "ipl eval report"
+    tables = browser.find_elements(By.TAG_NAME, "table")
+    assert len(tables) == 1 and tables[0].get_attribute("id") == "metrics"
+    headers = [th.text for th in tables[0].find_elements(By.CSS_SELECTOR, "thead th")]
+    assert headers == ["run", "clip_score ↑", "clip_dir ↑", "fid ↓", "fid_src_tgt"]
+    rows = [th.text for th in tables[0].find_elements(By.CSS_SELECTOR, "tbody th")]
+    assert rows == ["disney·ipl", "disney·nada"]
+    missing = tables[0].find_elements(By.CSS_SELECTOR, "td.missing")
+    assert missing and all("reference" in td.get_attribute("title") for td in missing)  # the reason as a tooltip
+    assert "reference" in browser.find_element(By.ID, "note-1").text  # and as a note under the table
+    # The table comes first: it starts within the first screen, above every sample grid.
+    table_top = tables[0].location["y"]
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) == 2 and table_top < 400 and all(img.location["y"] > table_top for img in images)
+    loaded = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert all(complete and width > 0 and height > 0 for complete, width, height in loaded), loaded
+    assert all(width >= 6 * 160 for _, width, _ in loaded)  # 160 px tiles, six samples a row
+
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot))
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.width >= 1000
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 100  # text, table lines and the sample tiles, not a blank page
