@@ -87,3 +87,22 @@ def build_cache(tmp_path_factory) -> Path:
     root = Path(os.environ.get(BUILD_CACHE_ENV) or Path(platformdirs.user_cache_dir("ipltool")) / "test-builds")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def make_smoke_runs():
+    """`make(root, steps)`: an IPL and a NADA `--smoke` adapt run of disney under `root` (a few seconds each)."""
+    return _make_smoke_runs
+
+
+def _make_smoke_runs(root: Path, steps: int) -> list[Path]:
+    from ipltool.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IPL_OFFLINE", "1")
+        mp.setenv("IPL_CACHE", str(root / "cache"))
+        mp.setenv("IPL_PLUGINS", "")
+        for method in ("ipl", "nada"):
+            args = ["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", str(steps), "--out", str(root / method)]
+            assert main(args) == 0
+    return [next((root / method).iterdir()) for method in ("ipl", "nada")]

@@ -15,18 +15,9 @@ pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory) -> list[Path]:
+def smoke_runs(tmp_path_factory, make_smoke_runs) -> list[Path]:
     """An IPL and a NADA `--smoke` run of disney (a few seconds each)."""
-    from ipltool.cli import main
-
-    root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IPL_OFFLINE", "1")
-        mp.setenv("IPL_CACHE", str(root / "cache"))
-        mp.setenv("IPL_PLUGINS", "")
-        for method in ("ipl", "nada"):
-            assert main(["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", "2", "--out", str(root / method)]) == 0
-    return [next((root / method).iterdir()) for method in ("ipl", "nada")]
+    return make_smoke_runs(tmp_path_factory.mktemp("runs"), steps=2)
 
 
 class _Images(HTMLParser):

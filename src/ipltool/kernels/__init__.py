@@ -6,29 +6,22 @@ specification, and as compiled C++/CUDA kernels (`csrc/`, built by `build.py` on
 CUDA use). `dispatch.resolve_impl` is the single place that decides which one a call uses.
 """
 
-import importlib
+from ipltool.lazy import lazy_exports
 
 # The ops import torch; `ipl --help` and `ipl kernels info` import this package only for
-# `build` and `dispatch`, so the public names load on first use (PEP 562).
-_LAZY = {
-    "KernelBuildError": "build",
-    "available_impls": "dispatch",
-    "kernel_choice": "dispatch",
-    "resolve_impl": "dispatch",
-    "FusedLeakyReLU": "fused_act",
-    "fused_leaky_relu": "fused_act",
-}
-# `upfirdn2d` is left out: the name is also the submodule's, which the import system binds
-# here once it loads, so callers import the op from `ipltool.kernels.upfirdn2d`.
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"ipltool.kernels.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ipltool.kernels' has no attribute {name!r}")
-
+# `build` and `dispatch`, so the public names load on first use. `upfirdn2d` is left out:
+# the name is also the submodule's, so callers import the op from `ipltool.kernels.upfirdn2d`.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "KernelBuildError": "build",
+        "available_impls": "dispatch",
+        "kernel_choice": "dispatch",
+        "resolve_impl": "dispatch",
+        "FusedLeakyReLU": "fused_act",
+        "fused_leaky_relu": "fused_act",
+    },
+)
 
 __all__ = [
     "FusedLeakyReLU",

@@ -8,25 +8,19 @@ functions that turn features into IS, FID, KID, SIFID, SCS, ID and CLIP numbers,
 
 from __future__ import annotations
 
-import importlib
+from ipltool.lazy import lazy_exports
 
 # The networks import torch; the metric names (`catalog`) must not, so the public names
-# load on first use (PEP 562).
-_LAZY = {
-    "Extractor": "base",
-    "MetricUnavailable": "base",
-    "target_text_embedding": "clip_features",
-    "EXTRACTORS": "extractors",
-    "build_extractor": "extractors",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"ipltool.metrics.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ipltool.metrics' has no attribute {name!r}")
-
+# load on first use.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Extractor": "base",
+        "MetricUnavailable": "base",
+        "target_text_embedding": "clip_features",
+        "EXTRACTORS": "extractors",
+        "build_extractor": "extractors",
+    },
+)
 
 __all__ = ["EXTRACTORS", "Extractor", "MetricUnavailable", "build_extractor", "target_text_embedding"]
