@@ -70,12 +70,22 @@ def _host_key() -> str:
 
 
 def _host_module(directory: Path):
+    """Build (or reuse) the host extension in `directory`, from copies of the sources kept there.
+
+    ninja rebuilds when a source's path changes, so the build compiles the copies: a clone
+    of the repository elsewhere (CI's) finds the same paths and nothing to do.
+    """
     from torch.utils import cpp_extension
 
+    sources = directory / "src"
+    sources.mkdir(parents=True, exist_ok=True)
+    for path in [*_host_sources(), *(build.SOURCE_DIR / name for name in build.HEADERS)]:
+        if not (sources / path.name).is_file():  # rewriting would touch the time stamp, and ninja would rebuild
+            shutil.copyfile(path, sources / path.name)
     return cpp_extension.load(
         name="ipl_kernels_host",
-        sources=[str(path) for path in _host_sources()],
-        extra_include_paths=[str(build.SOURCE_DIR)],
+        sources=[str(sources / path.name) for path in _host_sources()],
+        extra_include_paths=[str(sources)],
         extra_cflags=HOST_FLAGS,
         build_directory=str(directory),
     )
@@ -88,7 +98,6 @@ def host_ops(build_cache):
         pytest.skip("needs a C++ compiler")
     directory = build_cache / f"host-{_host_key()}"
     with FileLock(f"{directory}.lock"):  # parallel test workers build it once
-        directory.mkdir(parents=True, exist_ok=True)
         return _host_module(directory)
 
 
