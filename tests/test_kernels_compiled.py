@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -70,22 +71,30 @@ def _host_key() -> str:
 
 
 def _host_module(directory: Path):
-    """Build (or reuse) the host extension in `directory`, from copies of the sources kept there.
+    """Build the host extension in `directory`, or import the library an earlier run built there.
 
-    ninja rebuilds when a source's path changes, so the build compiles the copies: a clone
-    of the repository elsewhere (CI's) finds the same paths and nothing to do.
+    The library is imported as it is rather than through `cpp_extension.load`: the key of
+    `directory` already covers what the binary depends on, while ninja would rebuild
+    whenever the paths of the sources or of torch's headers differ (a clone elsewhere,
+    another virtual environment). A library that does not load (a build killed while
+    linking) is built again.
     """
     from torch.utils import cpp_extension
 
-    sources = directory / "src"
-    sources.mkdir(parents=True, exist_ok=True)
-    for path in [*_host_sources(), *(build.SOURCE_DIR / name for name in build.HEADERS)]:
-        if not (sources / path.name).is_file():  # rewriting would touch the time stamp, and ninja would rebuild
-            shutil.copyfile(path, sources / path.name)
+    library = directory / "ipl_kernels_host.so"
+    if library.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location("ipl_kernels_host", library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:
+            shutil.rmtree(directory)
+            directory.mkdir()
     return cpp_extension.load(
         name="ipl_kernels_host",
-        sources=[str(sources / path.name) for path in _host_sources()],
-        extra_include_paths=[str(sources)],
+        sources=[str(path) for path in _host_sources()],
+        extra_include_paths=[str(build.SOURCE_DIR)],
         extra_cflags=HOST_FLAGS,
         build_directory=str(directory),
     )
