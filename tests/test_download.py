@@ -398,3 +398,113 @@ def test_dns_failure_says_no_network(tmp_path, sleeps, monkeypatch):
     with pytest.raises(dl.DownloadError, match="no network: cannot resolve host"):
         dl.download(["https://example.invalid/g.pt"], tmp_path / "g.pt")
     assert sleeps == []
+
+
+# ---------------------------------------------------------------------------
+# Slow links: the low-speed deadline, the budget, and nothing received is thrown away.
+
+
+def trickle(h, fast=0, pause=0.1, limit=5.0):
+    """Like `send_file`, but after `fast` bytes one byte every `pause` s (for at most `limit` s)."""
+    m = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")
+    start = int(m.group(1)) if m else 0
+    h.send_response(206 if start else 200)
+    h.send_header("Content-Type", "application/octet-stream")
+    h.send_header("Content-Length", str(len(DATA) - start))
+    if start:
+        h.send_header("Content-Range", f"bytes {start}-{len(DATA) - 1}/{len(DATA)}")
+    h.end_headers()
+    h.wfile.write(DATA[start : start + fast])
+    h.wfile.flush()
+    end = time.monotonic() + limit
+    for i in range(start + fast, len(DATA)):
+        if time.monotonic() > end:
+            break
+        time.sleep(pause)
+        h.wfile.write(DATA[i : i + 1])
+        h.wfile.flush()
+
+
+@pytest.fixture
+def fast_deadline(monkeypatch):
+    """A stall is under 1000 B/s over 0.5 s, so a test sees one in about a second."""
+    monkeypatch.setenv("IPL_DOWNLOAD_MIN_SPEED", "1000")
+    monkeypatch.setenv("IPL_DOWNLOAD_STALL_SECONDS", "0.5")
+
+
+def test_trickle_is_a_stall_resumed_from_every_byte_kept(server, tmp_path, sleeps, fast_deadline):
+    def route(h, q):
+        trickle(h, fast=100_000) if not h.headers.get("Range") else send_file(h)
+
+    server.routes["/f.pt"] = route
+    t0 = time.monotonic()
+    assert dl.download([server.url("/f.pt")], tmp_path / "g.pt", sha256={DIGEST}) == DIGEST
+    assert time.monotonic() - t0 < 5
+    first, second = server.ranges("/f.pt")
+    # The burst and the trickled bytes after it were all kept: the resume starts past them.
+    assert first is None and int(re.fullmatch(r"bytes=(\d+)-", second).group(1)) > 100_000
+    assert sleeps == [1.0]  # the burst was progress: a fresh retry, not a step towards giving up
+    assert listing(tmp_path) == ["g.pt"]
+
+
+def test_a_link_that_never_recovers_gives_up_keeping_the_part(server, tmp_path, sleeps, fast_deadline):
+    server.routes["/f.pt"] = lambda h, q: trickle(h, fast=0 if h.headers.get("Range") else 50_000)
+    t0 = time.monotonic()
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download([server.url("/f.pt")], tmp_path / "g.pt", retries=2, name="stylegan2-ffhq-1024")
+    assert time.monotonic() - t0 < 6
+    part = (tmp_path / "g.pt.part").read_bytes()
+    assert len(part) > 50_000 and part == DATA[: len(part)]
+    msg = e.value.message
+    assert "\n" not in msg and "stalled" in msg and f"127.0.0.1:{server.port}" in msg and "B/s" in msg
+    assert "gave up after 3 tries in a row" in msg and f"{len(part)} bytes kept in {tmp_path / 'g.pt.part'}" in msg
+    assert e.value.hint.startswith("run `ipl fetch stylegan2-ffhq-1024` again to continue from them")
+    assert listing(tmp_path) == ["g.pt.part"]
+
+    serve(server)  # the link is back: the next run resumes from the part
+    assert dl.download([server.url("/f.pt")], tmp_path / "g.pt", sha256={DIGEST}) == DIGEST
+    assert server.ranges("/f.pt")[-1] == f"bytes={len(part)}-"
+
+
+def test_time_budget_ends_a_slow_but_steady_download(server, tmp_path, sleeps, monkeypatch):
+    monkeypatch.setenv("IPL_DOWNLOAD_MIN_SPEED", "0")  # no stall: only the budget can end it
+    monkeypatch.setenv("IPL_DOWNLOAD_MAX_SECONDS", "1")
+    server.routes["/f.pt"] = lambda h, q: trickle(h, fast=1000, pause=0.05)
+    t0 = time.monotonic()
+    with pytest.raises(dl.DownloadError) as e:
+        dl.download([server.url("/f.pt")], tmp_path / "g.pt", name="e4e-ffhq")
+    assert time.monotonic() - t0 < 3
+    kept = (tmp_path / "g.pt.part").stat().st_size
+    assert kept > 1000 and "out of time" in e.value.message and "1 s budget" in e.value.message
+    assert "ipl fetch e4e-ffhq" in e.value.hint
+
+
+def test_requests_per_mirror_are_capped(server, tmp_path, sleeps, monkeypatch):
+    monkeypatch.setattr(dl, "MAX_ATTEMPTS", 3)
+    server.routes["/f.pt"] = lambda h, q: h.send_error(503)
+    with pytest.raises(dl.DownloadError, match="gave up after 3 requests"):
+        dl.download([server.url("/f.pt")], tmp_path / "g.pt", retries=10)
+    assert len(server.requests) == 3 and sleeps == [1.0, 2.0]
+
+
+def test_bytes_buffered_before_a_timeout_are_kept(server, tmp_path, sleeps):
+    """A read waiting for a full chunk used to lose what it had buffered when the link went quiet."""
+    def route(h, q):
+        if h.headers.get("Range"):
+            return send_file(h)
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(DATA)))
+        h.end_headers()
+        h.wfile.write(DATA[:100_000])
+        h.wfile.flush()
+        time.sleep(1.0)  # silent for longer than the client's timeout
+
+    server.routes["/f.pt"] = route
+    assert dl.download([server.url("/f.pt")], tmp_path / "g.pt", sha256={DIGEST}, timeout=0.3) == DIGEST
+    assert server.ranges("/f.pt") == [None, "bytes=100000-"]
+
+
+def test_a_bad_setting_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPL_DOWNLOAD_STALL_SECONDS", "soon")
+    with pytest.raises(dl.DownloadError, match="IPL_DOWNLOAD_STALL_SECONDS must be a number, not 'soon'"):
+        dl.download(["http://127.0.0.1:9/g.pt"], tmp_path / "g.pt")

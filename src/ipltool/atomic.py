@@ -1,6 +1,8 @@
 """Atomic file writes: readers see the old file or the new one, never a part.
 
-Used for every checkpoint, config, sample and cache record ipltool writes.
+Used for every checkpoint, config, sample and cache record ipltool writes. The
+temporary name `.<name>.<pid>.<random>.tmp` carries the writer's process id, so that
+`sweep_stale_temps` can remove what a killed writer left without touching a live one's.
 """
 
 from __future__ import annotations
@@ -8,9 +10,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+#: A temporary file whose name holds no live owner pid (older names, Windows) is stale after this many seconds.
+STALE_AFTER = 3600.0
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh temporary name beside `path`: `.<name>.<pid>.<8 hex>.tmp`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextlib.contextmanager
@@ -19,7 +31,7 @@ def _atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     path = Path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_name(path)
         try:
             # Mode 0o666 lets the umask decide, as for any ordinary new file.
             fd = os.open(tmp, flags, 0o666)
@@ -32,11 +44,80 @@ def _atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, os.fspath(tmp)):
+            err.filename = os.fspath(path)  # name the file the user asked for, not the hidden temporary
         raise
     fsync_dir(path.parent)
+
+
+def _temp_owner(filename: str) -> int | None:
+    """The pid in a temporary name of `_atomic_open`; 0 for the older names without one; None if not such a name."""
+    if not (filename.startswith(".") and filename.endswith(".tmp")):
+        return None
+    parts = filename[1 : -len(".tmp")].rsplit(".", 2)
+    if len(parts) < 2 or len(parts[-1]) != 8 or any(c not in "0123456789abcdef" for c in parts[-1]) or not parts[0]:
+        return None
+    if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) > 0:
+        return int(parts[1])
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a zombie counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | os.PathLike, stale_after: float | None = None) -> list[Path]:
+    """Remove the temporary files of atomic writes that were killed, under `folder` (recursively).
+
+    A file named `.<name>.<pid>.<8 hex>.tmp` is removed when process `pid` no longer
+    runs; one from a live process is never touched, however old. Older names without
+    a pid, and every name on Windows (where probing a pid could end the process), are
+    removed when untouched for `stale_after` seconds. Symlinks, other hidden files and
+    anything that cannot be removed (a read-only folder) are left alone.
+
+    Args:
+        folder: a run directory or output folder; a missing one is fine.
+        stale_after: seconds; default `STALE_AFTER` (one hour).
+
+    Returns:
+        The paths removed.
+    """
+    limit = STALE_AFTER if stale_after is None else stale_after
+    now = time.time()
+    removed: list[Path] = []
+    for directory, _, files in os.walk(folder):  # a missing folder yields nothing
+        for filename in files:
+            owner = _temp_owner(filename)
+            if owner is None:
+                continue
+            path = Path(directory) / filename
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if owner and os.name != "nt":
+                stale = not _alive(owner)
+            else:
+                stale = now - info.st_mtime > limit
+            if stale:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
 
 
 def fsync_dir(directory: Path) -> None:
@@ -58,9 +139,10 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old or the new file, never a part.
 
-    The bytes go to `.<name>.<random>.tmp` in the same directory, are flushed and
+    The bytes go to `.<name>.<pid>.<random>.tmp` in the same directory, are flushed and
     fsynced, then renamed over `path` with `os.replace`. On any error the temporary
-    file is removed, `path` is left as it was, and the error is re-raised.
+    file is removed, `path` is left as it was, and the error is re-raised (an `OSError`
+    names `path`, not the temporary file).
 
     Args:
         path: final file name; its directory must exist.

@@ -108,6 +108,14 @@ def _click_exit_code(error: Exception) -> int | None:
     if name == "Exit" and hasattr(error, "exit_code"):
         return error.exit_code
     if name == "Abort":
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, EOFError):
+            # click turns any EOFError escaping a command into Abort, meant for Ctrl-D at a
+            # prompt; ipl has no prompts, so this is a file read past its end: a bug, not the user.
+            if console.options.debug:
+                traceback.print_exception(cause)
+            _report(IplError(f"unexpected EOFError: {str(cause) or 'a file ended early'}", hint="rerun with --debug for the traceback, and please report it"))
+            return 1
         console.err.print("aborted")
         return 130
     if hasattr(error, "show") and hasattr(error, "exit_code"):  # UsageError and friends

@@ -36,8 +36,33 @@ else:  # pragma: no cover - exercised on 3.10 only
 # Schema
 
 
+# Limits of values that would otherwise fail deep inside a run (RunDir names, torch's seeding, CLIP's tokenizer).
+MAX_NAME_LENGTH = 100
+#: torch.manual_seed takes 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+#: CLIP reads 77 tokens, start and end tokens included.
+CLIP_CONTEXT = 77
+#: No BPE token of CLIP's vocabulary is longer than 32 characters, so a text of more than
+#: 75 tokens x (32 + a space) characters surely overflows the context; longer texts are refused
+#: here, torch-free and before any tokenizer sees them. The exact count is checked when the
+#: models are built (`ipltool.train.setup.check_prompt_lengths`).
+MAX_TEXT_CHARS = (CLIP_CONTEXT - 2) * 33
+#: A domain file larger than this is refused before parsing (the built-in ones are a few kB).
+MAX_FILE_CHARS = 1_000_000
+
+
+def check_text_length(value: str) -> str:
+    """Refuse a text that cannot fit CLIP's context, by its length alone (cheap for a 10 MB string)."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(
+            f"too long ({len(value):,} characters): CLIP reads at most {CLIP_CONTEXT} tokens, and no text over {MAX_TEXT_CHARS:,} characters fits"
+        )
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr = inf` or `lambda_l = nan` is refused here instead of training to NaN weights.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ClipModel(_Strict):
@@ -63,6 +88,11 @@ class Prompts(_Strict):
     def _non_empty(cls, value: list[str]) -> list[str]:
         if any(not s.strip() for s in value):
             raise ValueError("custom prompts must not be empty strings")
+        for index, sentence in enumerate(value):
+            try:
+                check_text_length(sentence)
+            except ValueError as err:
+                raise ValueError(f"custom prompt {index + 1} is {err}") from None
         return value
 
 
@@ -83,7 +113,7 @@ class Mapper(_Strict):
     steps: int = Field(300, ge=1)
     batch: int = Field(32, ge=2)
     lr: float = Field(0.05, gt=0)
-    seed: int = 3
+    seed: int = Field(3, ge=0, le=MAX_SEED)
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments of the mapper")
 
 
@@ -99,7 +129,7 @@ class Adapt(_Strict):
     auto_layer_iters: int = Field(1, ge=0, description="0 turns the adaptive layer choice off")
     auto_layer_batch: int = Field(8, ge=1)
     mixing: float = Field(0.0, ge=0, le=1, description="style-mixing probability")
-    seed: int = 2
+    seed: int = Field(2, ge=0, le=MAX_SEED)
     sample_every: int = Field(100, ge=1)
     n_sample: int = Field(35, ge=1)
     sample_size: int = Field(256, ge=16, le=1024, description="edge of one sample in the sample grids, px (generator output is resized)")
@@ -149,8 +179,17 @@ class Domain(_Strict):
     @field_validator("source", "target", "ctx_init")
     @classmethod
     def _not_blank(cls, value: str) -> str:
+        check_text_length(value)  # first: a 10 MB string is not even stripped
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _short_name(cls, value: Any) -> Any:
+        # Before the pattern, so that a long name is refused for its length, not quoted whole.
+        if isinstance(value, str) and len(value) > MAX_NAME_LENGTH:
+            raise ValueError(f"too long ({len(value):,} characters): a domain name has at most {MAX_NAME_LENGTH} (it names run directories)")
         return value
 
     def with_overrides(self, overrides: dict[str, Any], flags: dict[str, str] | None = None) -> "Domain":
@@ -230,7 +269,18 @@ def _describe(error: dict) -> str:
         return f"missing required key {key!r}"
     if kind == "value_error":
         return f"key {key!r}: {error['msg'].removeprefix('Value error, ')}"
-    return f"key {key!r}: {_lower_first(error['msg'])} (got {error.get('input')!r})"
+    return f"key {key!r}: {_lower_first(error['msg'])} (got {_shown(error.get('input'))})"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)` for a message, cut after `limit` characters: a 10 MB string or a deeply nested table is never quoted whole."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to show"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _lower_first(text: str) -> str:
@@ -249,13 +299,13 @@ def _describe_flag(flag: str, error: dict) -> str:
         limit = ctx[bound]
         if isinstance(limit, float) and limit.is_integer():
             limit = int(limit)  # `gt=0` on a float field: "> 0", not "> 0.0"
-        return f"{flag} must be {sign} {limit} (got {value!r})"
+        return f"{flag} must be {sign} {limit} (got {_shown(value)})"
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        return f"{flag} must be {ctx.get('expected')} (got {value!r}){did_you_mean(str(value), choices)}"
+        return f"{flag} must be {ctx.get('expected')} (got {_shown(value)}){did_you_mean(str(value), choices)}"
     if kind == "value_error":
         return f"{flag}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{flag}: {_lower_first(error['msg'])} (got {value!r})"
+    return f"{flag}: {_lower_first(error['msg'])} (got {_shown(value)})"
 
 
 def _line_of(text: str, loc: tuple) -> int | None:
@@ -284,6 +334,19 @@ def _line_of(text: str, loc: tuple) -> int | None:
     return fallback
 
 
+def _too_large(text: str, origin: str) -> DomainError:
+    """The error for a domain file over `MAX_FILE_CHARS`, naming its first line too long for any text."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if len(line) > MAX_TEXT_CHARS:
+            key = re.match(r"""^\s*["']?([A-Za-z0-9_.-]+)["']?\s*=""", line)
+            what, value = (f"key {key.group(1)!r}", line[key.end() :].strip().strip("\"'")) if key else ("a line", line)
+            return DomainError(
+                f"{origin}:{number}: {what} is too long ({len(value):,} characters): CLIP reads at most {CLIP_CONTEXT} tokens, "
+                f"and no text over {MAX_TEXT_CHARS:,} characters fits"
+            )
+    return DomainError(f"{origin}: {len(text):,} characters; a domain file has at most {MAX_FILE_CHARS:,}")
+
+
 def parse_domain(text: str, origin: str) -> Domain:
     """Parse and validate domain TOML `text`; `origin` names the file in error messages.
 
@@ -291,12 +354,18 @@ def parse_domain(text: str, origin: str) -> Domain:
         DomainError: one line per problem, each naming the file, the line (where it can
             be found) and the key: `disney.toml:8: unknown key 'adapt.stepz'`.
     """
+    if len(text) > MAX_FILE_CHARS:
+        raise _too_large(text, origin)  # before tomllib, which takes most of a second over 10 MB
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise DomainError(f"{origin}: invalid TOML: {err}", hint="check the quoting and brackets near that line") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise DomainError(f"{origin}: invalid TOML: arrays or tables nested too deeply", hint="a domain file needs a few levels at most") from None
     try:
         return Domain.model_validate(data)
+    except RecursionError:
+        raise DomainError(f"{origin}: values nested too deeply", hint="a domain file needs a few levels at most") from None
     except ValidationError as err:
         problems = []
         for error in err.errors():
@@ -403,6 +472,13 @@ def _looks_like_path(value: str) -> bool:
     return value.endswith(".toml") or os.sep in value or "/" in value
 
 
+def _long_name(name: str) -> DomainError:
+    return DomainError(
+        f"--domain {_shown(name, 40)}: too long for a domain name (at most {MAX_NAME_LENGTH} characters)",
+        hint="pass a known name (see `ipl prompts list`) or the path of a .toml file",
+    )
+
+
 def find_domain(name_or_path: str) -> DomainEntry:
     """Resolve `--domain X` to a valid domain (see the module docstring for the order).
 
@@ -410,10 +486,18 @@ def find_domain(name_or_path: str) -> DomainEntry:
         DomainError: X is neither an existing file nor a known name, or the file is invalid.
     """
     candidate = Path(name_or_path).expanduser()
-    if candidate.is_file():
+    try:
+        is_file = candidate.is_file()
+    except OSError as err:  # e.g. "File name too long": not a file, and no domain is named so
+        if not _looks_like_path(name_or_path):
+            raise _long_name(name_or_path) from None
+        raise DomainError(f"--domain {_shown(name_or_path)}: {err.strerror or err}") from None
+    if is_file:
         return DomainEntry(candidate.stem, candidate, "path", str(candidate), domain=load_domain_file(candidate))
     if _looks_like_path(name_or_path):
         raise DomainError(f"{name_or_path}: no such file")
+    if len(name_or_path) > MAX_NAME_LENGTH:
+        raise _long_name(name_or_path)
     entries = [e for e in discover_domains() if e.name == name_or_path and e.shadowed_by is None]
     if not entries:
         known = sorted({e.name for e in discover_domains() if e.error is None})

@@ -10,6 +10,14 @@ of the bytes; this module parses that page and follows its confirmation (a form,
 link or a `downloadUrl` field). `gdown` does the same, but it cannot resume a
 partial file or report progress through our callback, which is why the
 confirmation step lives here. Only the standard library is used.
+
+A download never hangs: an attempt that receives fewer than `MIN_SPEED` bytes/s over
+`STALL_SECONDS` (a server trickling a byte now and then never trips the socket timeout)
+is a stall, retried with `Range` from what arrived; each mirror gets at most
+`MAX_ATTEMPTS` requests and the whole call at most `MAX_SECONDS`. Every byte received is
+in the part file before a retry, and a failed download keeps it for the next run. The
+environment variables `IPL_DOWNLOAD_MIN_SPEED`, `IPL_DOWNLOAD_STALL_SECONDS`,
+`IPL_DOWNLOAD_ATTEMPTS` and `IPL_DOWNLOAD_MAX_SECONDS` override these four.
 """
 
 from __future__ import annotations
@@ -43,6 +51,22 @@ sleep = time.sleep
 
 _MAX_HTML = 1 << 20  # a Drive interstitial is a few kB; never buffer more than this
 _MAX_CONFIRMS = 3  # confirmation pages followed per request before giving up
+_SNIFF = 512  # bytes looked at to tell an HTML page from the file
+_HTML_STARTS = (b"<!doctype html", b"<html")
+
+#: Low-speed deadline: fewer than MIN_SPEED bytes/s over STALL_SECONDS ends the attempt as a
+#: stall (0 turns the speed check off; a silent server still hits `timeout`).
+MIN_SPEED = 1024.0
+STALL_SECONDS = 30.0
+#: Budget: requests per mirror in all, and seconds for the whole download (0: no limit).
+MAX_ATTEMPTS = 30
+MAX_SECONDS = 0.0
+_ENV = {
+    "min_speed": "IPL_DOWNLOAD_MIN_SPEED",
+    "stall_seconds": "IPL_DOWNLOAD_STALL_SECONDS",
+    "max_attempts": "IPL_DOWNLOAD_ATTEMPTS",
+    "max_seconds": "IPL_DOWNLOAD_MAX_SECONDS",
+}
 
 
 class DownloadError(IplError):
@@ -82,6 +106,10 @@ def download(
     chunk_size: int = 1 << 20,
     *,
     name: str | None = None,
+    min_speed: float | None = None,
+    stall_seconds: float | None = None,
+    max_attempts: int | None = None,
+    max_seconds: float | None = None,
 ) -> str:
     """Download the first working mirror of `urls` to `dest`; return the sha256 hex of the file.
 
@@ -90,10 +118,14 @@ def download(
          `<dest>.part` already holds N bytes. A 200 answer restarts from 0, so does a 416.
       2. If an HTML page arrives where the file was expected, follow a Drive confirmation
          found in it, or fail this mirror. HTML is never written to disk.
-      3. Stream into the part file, hashing as bytes arrive. Dropped connections, timeouts,
-         429 and 5xx are retried up to `retries` times in a row without progress, sleeping
-         `backoff * 2**attempt`, each retry resuming from what was written. 403/404 and
-         no network move on at once; so does a server announcing a length other than `size`.
+      3. Stream into the part file, hashing as bytes arrive (each read returns what has
+         arrived, so nothing waits in memory). Dropped connections, timeouts, stalls (under
+         `min_speed` bytes/s over `stall_seconds`), 429 and 5xx are retried up to `retries`
+         times in a row without progress, sleeping `backoff * 2**attempt`, each retry
+         resuming from what was written; a stall counts as progress only when it brought at
+         least a window's worth of bytes. A mirror gets at most `max_attempts` requests, the
+         call at most `max_seconds`. 403/404 and no network move on at once; so does a
+         server announcing a length other than `size`.
       4. Check `size` and `sha256`. On a mismatch the part file is deleted and the next
          mirror is tried; a file that was resumed is first re-downloaded once from 0,
          in case the old part came from different bytes.
@@ -110,15 +142,23 @@ def download(
         retries: retries per mirror for transient failures.
         backoff: base of the exponential backoff, in seconds.
         timeout: socket timeout per connect and per read, in seconds.
-        chunk_size: bytes read and written at a time.
-        name: registry name, used only in the error hint (`ipl fetch --import NAME FILE`).
+        chunk_size: most bytes read and written at a time.
+        name: registry name, used only in the error hint (`ipl fetch NAME`, `ipl fetch --import NAME FILE`).
+        min_speed: bytes/s below which an attempt is a stall; default `MIN_SPEED` or
+            `IPL_DOWNLOAD_MIN_SPEED`; 0 turns the check off.
+        stall_seconds: the window the speed is measured over, and the longest wait for
+            one read; default `STALL_SECONDS` or `IPL_DOWNLOAD_STALL_SECONDS`.
+        max_attempts: requests per mirror in all; default `MAX_ATTEMPTS` or `IPL_DOWNLOAD_ATTEMPTS`.
+        max_seconds: wall-clock budget of the whole call; default `MAX_SECONDS` or
+            `IPL_DOWNLOAD_MAX_SECONDS`; 0 means none.
 
     Returns:
         The lowercase SHA-256 hex digest of `dest`.
 
     Raises:
         ChecksumError: every mirror failed and at least one served the wrong bytes.
-        DownloadError: every mirror failed.
+        DownloadError: every mirror failed (the bytes that arrived stay in `<dest>.part`,
+            which the next call resumes), or a setting is not a number.
     """
     label = name or Path(dest).name
     if not urls:
@@ -127,7 +167,10 @@ def download(
     part = dest.with_name(dest.name + ".part")
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
     opener.addheaders = [("User-Agent", USER_AGENT)]
-    job = _Job(opener, part, size, progress or (lambda done, total: None), retries, backoff, timeout, chunk_size)
+    limits = _limits(min_speed=min_speed, stall_seconds=stall_seconds, max_attempts=max_attempts, max_seconds=max_seconds)
+    # A read waits at most one stall window: a server that sends nothing is a stall too.
+    timeout = min(timeout, limits.stall_seconds) if limits.min_speed > 0 and limits.stall_seconds > 0 else timeout
+    job = _Job(opener, part, size, progress or (lambda done, total: None), retries, backoff, timeout, chunk_size, limits)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest, failures, bad_bytes, offline = _try_mirrors(job, urls, {h.strip().lower() for h in sha256}, dest)
@@ -138,7 +181,44 @@ def download(
     if digest is not None:
         return digest
     cls = ChecksumError if bad_bytes else DownloadError
+    kept = part.stat().st_size if part.is_file() else 0
+    if kept:
+        # Not thrown away: the next call (`ipl fetch NAME`) resumes from these bytes.
+        again = f"run `ipl fetch {name}` again" if name else "run the same command again"
+        failures.append(f"{kept} bytes kept in {part}")
+        raise cls(f"could not download {label}: " + "; ".join(failures), f"{again} to continue from them, or {_hint(name, offline)}")
     raise cls(f"could not download {label}: " + "; ".join(failures), _hint(name, offline))
+
+
+class _Limits:
+    """The low-speed deadline and the budget of one `download()` call (see the module docstring)."""
+
+    def __init__(self, min_speed: float, stall_seconds: float, max_attempts: int, max_seconds: float):
+        self.min_speed, self.stall_seconds, self.max_attempts, self.max_seconds = min_speed, stall_seconds, max_attempts, max_seconds
+        self.started = time.monotonic()
+        self.deadline = self.started + max_seconds if max_seconds > 0 else None
+
+    def left(self) -> float:
+        """Seconds of the budget left (infinite without one)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+def _limits(**given) -> _Limits:
+    """Each limit from the argument, else its environment variable, else the module constant."""
+    values = {}
+    for key, env in _ENV.items():
+        value = given.get(key)
+        if value is None:
+            text = os.environ.get(env, "").strip()
+            default = globals()[key.upper()]
+            try:
+                value = float(text) if text else default
+            except ValueError:
+                raise DownloadError(f"{env} must be a number, not {text!r}", f"unset it to use the default {default:g}") from None
+        if not value >= 0:  # also catches NaN
+            raise DownloadError(f"{env} must be 0 or more, not {value!r}", f"unset it to use the default {globals()[key.upper()]:g}")
+        values[key] = value
+    return _Limits(float(values["min_speed"]), float(values["stall_seconds"]), max(1, int(values["max_attempts"])), float(values["max_seconds"]))
 
 
 def _try_mirrors(job, urls, expected, dest):
@@ -172,7 +252,11 @@ def _try_mirrors(job, urls, expected, dest):
 
 
 class _Retry(Exception):
-    """A transient failure: try this mirror again, resuming."""
+    """A transient failure: try this mirror again, resuming. `stall`: the link was too slow, not cut."""
+
+    def __init__(self, reason: str, stall: bool = False):
+        super().__init__(reason)
+        self.stall = stall
 
 
 class _MirrorFailed(Exception):
@@ -190,9 +274,10 @@ class _Restart(Exception):
 class _Job:
     """The settings of one `download()` call plus the running hash of its part file."""
 
-    def __init__(self, opener, part, size, progress, retries, backoff, timeout, chunk_size):
+    def __init__(self, opener, part, size, progress, retries, backoff, timeout, chunk_size, limits: _Limits):
         self.opener, self.part, self.size, self.progress = opener, part, size, progress
         self.retries, self.backoff, self.timeout, self.chunk_size = retries, backoff, timeout, chunk_size
+        self.limits = limits
         # Hash of the part's first `hashed` bytes, kept across retries so a resume after
         # a drop does not re-read a gigabyte from disk.
         self.hasher, self.hashed = hashlib.sha256(), 0
@@ -202,7 +287,8 @@ class _Job:
         """Complete the part file from `url`; return (digest, bytes, whether any bytes were resumed)."""
         request_url = _request_url(url)
         self.resumed = False
-        attempt = restarts = 0
+        attempt = restarts = requests = 0
+        limits = self.limits
         while True:
             offset = self.part.stat().st_size if self.part.exists() else 0
             if self.size is not None and offset >= self.size:
@@ -212,6 +298,9 @@ class _Job:
                     return _hash_prefix(self.part, offset, self.chunk_size).hexdigest(), offset, True
                 self.part.unlink()  # longer than the file can be: not ours to resume
                 continue
+            if limits.left() <= 0:
+                raise _MirrorFailed(f"out of time: the {limits.max_seconds:g} s budget (IPL_DOWNLOAD_MAX_SECONDS) is used up")
+            requests += 1
             try:
                 return self._attempt(request_url, url, offset)
             except _Restart:
@@ -220,16 +309,21 @@ class _Job:
                 if restarts > 2:
                     raise _MirrorFailed("server keeps rejecting the byte range") from None
             except _Retry as e:
-                if self.part.exists() and self.part.stat().st_size > offset:
-                    attempt = 0  # progress was made: a flaky but working link gets fresh retries
+                gained = (self.part.stat().st_size if self.part.exists() else 0) - offset
+                # Progress gives a flaky but working link fresh retries; a stall that brought
+                # less than one window's worth of bytes is no progress (else a trickle never ends).
+                if gained > 0 and not (e.stall and gained < limits.min_speed * limits.stall_seconds):
+                    attempt = 0
                 if attempt >= self.retries:
-                    raise _MirrorFailed(f"{e} (gave up after {self.retries + 1} tries)") from None
-                sleep(self.backoff * 2**attempt)
+                    raise _MirrorFailed(f"{e} (gave up after {self.retries + 1} tries in a row)") from None
+                if requests >= limits.max_attempts:
+                    raise _MirrorFailed(f"{e} (gave up after {requests} requests, IPL_DOWNLOAD_ATTEMPTS)") from None
+                sleep(min(self.backoff * 2**attempt, max(0.0, limits.left())))
                 attempt += 1
 
     def _attempt(self, request_url: str, url: str, offset: int) -> tuple[str, int, bool]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp, first = self._open_file_response(url, request_url, headers, offset)
+        resp, first, watch = self._open_file_response(url, request_url, headers, offset)
         with resp:
             start, total = _start_and_total(resp, offset, self.size)
             if self.size is not None and total != self.size:
@@ -244,6 +338,8 @@ class _Job:
             done = start
             self.progress(done, total)
             # A 200 answer to a Range request means the server ignored it: restart the file.
+            # Leaving this block on any error closes the file, which flushes every byte
+            # received so far into the part file: a retry resumes after the last one.
             with open(self.part, "ab" if start else "wb") as f:
                 block = first
                 while block:
@@ -252,10 +348,8 @@ class _Job:
                     done += len(block)
                     self.hashed = done
                     self.progress(done, total)
-                    try:
-                        block = resp.read(self.chunk_size)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise _Retry(f"connection lost after {done} bytes ({_describe(e)})") from None
+                    watch.check(done - start, done)
+                    block = _read_some(resp, self.chunk_size, f"connection lost after {done} bytes")
                 if total is not None and done < total:
                     # http.client returns a short body without error when the peer closes early.
                     raise _Retry(f"connection dropped at {done} of {total} bytes")
@@ -264,17 +358,40 @@ class _Job:
         return self.hasher.hexdigest(), done, self.resumed
 
     def _open_file_response(self, url, request_url, headers, offset):
-        """Open `request_url`, following Drive confirmation pages; return (response, first block)."""
+        """Open `request_url`, following Drive confirmation pages; return (response, first bytes, its watch)."""
         for _ in range(_MAX_CONFIRMS + 1):
             resp = self._open(url, request_url, headers, offset)
-            first = _read_safely(resp, self.chunk_size)
+            watch = _Watch(self.limits, urlsplit(request_url).netloc)
+            try:
+                first = self._head(resp, watch)
+            except BaseException:
+                resp.close()
+                raise
             if not _is_html(resp, first):
-                return resp, first
+                return resp, first, watch
             with resp:
                 page_url = resp.geturl()
-                page = first + _read_safely(resp, _MAX_HTML)
+                page = first
+                while len(page) < _MAX_HTML and (block := _read_some(resp, _MAX_HTML - len(page), "connection lost")):
+                    page += block
+                    watch.check(len(page), 0)
             request_url = _confirmation_url(page.decode("utf-8", "replace"), page_url)
         raise _MirrorFailed("Drive kept answering with a confirmation page")
+
+    def _head(self, resp, watch: _Watch) -> bytes:
+        """The first bytes of a response: as few as tell a web page from the file (see `_SNIFF`).
+
+        Reading only that much means a file's bytes go to disk as they arrive; only a
+        prefix that could still begin an HTML page waits here.
+        """
+        head = b""
+        while not _sniffed(resp, head):
+            block = _read_some(resp, self.chunk_size, "connection lost")
+            if not block:
+                break
+            head += block
+            watch.check(len(head), 0)
+        return head
 
     def _open(self, url, request_url, headers, offset):
         request = urllib.request.Request(request_url, headers=headers)
@@ -314,20 +431,70 @@ def _is_drive(url: str) -> bool:
     return url.startswith("gdrive:") or host.endswith(("drive.google.com", "drive.usercontent.google.com"))
 
 
-def _read_safely(resp, n: int) -> bytes:
+class _Watch:
+    """The low-speed deadline of one response, checked after every read.
+
+    Speed is measured over consecutive windows of `stall_seconds`: a window that ends
+    with fewer than `min_speed` bytes per second makes the attempt a stall (`_Retry`).
+    The call's time budget is checked here too, so a slow but steady download stops
+    when it runs out (`_MirrorFailed`).
+    """
+
+    def __init__(self, limits: _Limits, host: str):
+        self.limits, self.host = limits, host
+        self.since, self.received_then = time.monotonic(), 0
+
+    def check(self, received: int, done: int) -> None:
+        """`received`: bytes of this response so far; `done`: bytes of the file in the part file."""
+        limits, now = self.limits, time.monotonic()
+        if limits.deadline is not None and now >= limits.deadline:
+            speed = done / max(now - limits.started, 1e-9)
+            raise _MirrorFailed(
+                f"out of time: {done} bytes from {self.host} in the {limits.max_seconds:g} s budget "
+                f"(IPL_DOWNLOAD_MAX_SECONDS), {speed:.0f} B/s"
+            )
+        elapsed = now - self.since
+        if limits.min_speed <= 0 or elapsed < limits.stall_seconds:
+            return
+        got = received - self.received_then
+        if got < limits.min_speed * elapsed:
+            raise _Retry(
+                f"stalled: {got} bytes from {self.host} in {elapsed:.1f} s ({got / elapsed:.0f} B/s, "
+                f"under the {limits.min_speed:g} B/s minimum) after {done} bytes",
+                stall=True,
+            )
+        self.since, self.received_then = now, received
+
+
+def _read_some(resp, n: int, what: str) -> bytes:
+    """Up to `n` bytes, returning as soon as some have arrived (never waits to fill `n`).
+
+    A blocking `read(n)` would sit on a trickle until `n` bytes came, out of reach of the
+    low-speed deadline, and lose what it had buffered when the connection then dropped.
+    """
     try:
-        return resp.read(n)
+        read1 = getattr(resp, "read1", None)
+        return read1(n) if read1 is not None else resp.read(n)
     except (OSError, http.client.HTTPException) as e:
         resp.close()
-        raise _Retry(f"connection lost ({_describe(e)})") from None
+        raise _Retry(f"{what} ({_describe(e)})") from None
+
+
+def _sniffed(resp, head: bytes) -> bool:
+    """True once `head` is enough for `_is_html` to decide."""
+    if resp.headers.get_content_type() in ("text/html", "application/xhtml+xml") or len(head) >= _SNIFF:
+        return True
+    start = head.lstrip().lower()
+    # Undecided while what arrived could still grow into "<!doctype html" or "<html".
+    return bool(start) and not any(len(start) < len(m) and m.startswith(start) for m in _HTML_STARTS)
 
 
 def _is_html(resp, first: bytes) -> bool:
     """True if a response meant to be a binary file is a web page instead."""
     if resp.headers.get_content_type() in ("text/html", "application/xhtml+xml"):
         return True
-    head = first[:512].lstrip().lower()
-    return head.startswith((b"<!doctype html", b"<html"))
+    head = first[:_SNIFF].lstrip().lower()
+    return head.startswith(_HTML_STARTS)
 
 
 def _start_and_total(resp, offset: int, size: int | None) -> tuple[int, int | None]:

@@ -52,6 +52,14 @@ class Interrupted(IplError):
     label = "stopped"
 
 
+class NonFiniteError(IplError):
+    """A NaN or infinite loss, weight or output: the run stops instead of writing it (exit code 1).
+
+    Training raises it before anything non-finite is saved, so the run directory keeps
+    its last finite state; the hint names the likely cause (learning rate, precision, inputs).
+    """
+
+
 # ----------------------------------------------------------------------------
 # Misspelled names
 
@@ -62,6 +70,8 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     Closeness is difflib's ratio (at least 0.6), compared without case so that `Disney`
     finds `disney`; the suggestion keeps the choice's own spelling.
     """
+    if len(str(name)) > 200:
+        return ""  # no name is that long; difflib would take seconds over a megabyte of text
     by_lower = {}
     for choice in choices:
         by_lower.setdefault(str(choice).lower(), str(choice))

@@ -303,15 +303,22 @@ def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
     archive.unlink(missing_ok=True)
 
 
+#: Registry formats that are `torch.save` files, checked by `checkpoints.read` on import when no hash is known.
+TORCH_FORMATS = ("rosinality", "psp-checkpoint", "state-dict")
+
+
 def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: bool | None = None) -> Path:
     """Put a copy you already have into the cache: checked against the known hashes, then copied or linked.
 
     An NVlabs network pickle (`nvlabs=True`, or None and a `.pkl` for a generator entry)
     is converted instead (no code from it runs), and the result is recorded as imported.
+    Where no hash is known, a `torch.save` file (a generator, or `TORCH_FORMATS`) must be
+    readable weights-only and finite before it is copied.
 
     Raises:
         UsageError: the file does not exist.
         ChecksumError: its hash is not one of the registry's for `name` (nothing is copied).
+        CheckpointError: no hash is known and the file is not finite weights (nothing is copied).
     """
     entry = get_model(name)
     if entry.synthetic:
@@ -351,6 +358,12 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
             f"{source} is not {name}: sha256 {digest} is not one of {', '.join(sorted(hashes))}",
             hint="check that it is the right file; nothing was copied",
         )
+    if not hashes and (entry.kind == "generator" or entry.format in TORCH_FORMATS):
+        # Nothing to compare with: the contents must at least be finite weights, read
+        # without running code (the same checks as every later load), before they are cached.
+        from ipltool import checkpoints
+
+        checkpoints.check_finite(checkpoints.read(source, f"{name} weights file"), source)
     tmp = path.with_name(f".{path.name}.import")
     tmp.unlink(missing_ok=True)
     if link:

@@ -10,15 +10,16 @@ import typer
 
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
+from ipltool.commands.resume import domain_of_run, extend_steps, refuse_changes, stored_precision
 from ipltool.devices import resolve_device
-from ipltool.errors import CheckpointError, DomainError, Interrupted, UsageError
+from ipltool.errors import CheckpointError, UsageError
 from ipltool.interrupt import graceful_stop
+from ipltool.outdir import check_output_folder, write_failures
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
-    from ipltool.train.run import RunDir
     from ipltool.train.setup import Models
 
 def _mapper_file(path: Path) -> Path:
@@ -49,25 +50,6 @@ def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> Non
     if (ckpt.get("source"), ckpt.get("target")) != (domain.source, domain.target):
         trained_for = console.escape(f"{ckpt.get('source')!r} -> {ckpt.get('target')!r}")
         console.info(f"[yellow]note: the mapper was trained for {trained_for}[/]")
-
-
-def _domain_of_run(run: RunDir) -> tuple[Domain, dict]:
-    """The resolved domain and the [run] table stored in a run's config.toml."""
-    from pydantic import ValidationError
-
-    from ipltool.domain import Domain
-
-    config = run.read_config()
-    run_table = config.pop("run", {})
-    if run_table.get("stage") != "adapt":
-        raise UsageError(
-            f"{run.path} is a {run_table.get('stage', 'unknown')!r} run, not an adapt run",
-            hint=f"to adapt with its mapper: ipl adapt --domain {config.get('name', 'NAME')} --mapper {run.path}",
-        )
-    try:
-        return Domain.model_validate(config), run_table
-    except ValidationError as err:
-        raise DomainError(f"{run.config_path}: not a valid run config ({err.errors()[0]['msg']})") from None
 
 
 def adapt(
@@ -101,6 +83,7 @@ def adapt(
     """
     # The training stack imports torch: loaded here, so `ipl adapt --help` stays instant.
     from ipltool.domain import load_domain
+    from ipltool.train.guard import check_memory
     from ipltool.train.run import RunDir
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models, load_mapper
     from ipltool.train.stage1_run import run_stage1
@@ -119,29 +102,18 @@ def adapt(
         "adapt.style_images": ("--style-images", str(style_images) if style_images else None),
     }
     if resume is not None:
-        extra = [flag for flag, value in [("--domain", domain), ("--mapper", mapper_path), ("--clip", clip), ("--set", sets)] if value]
-        extra += [flag for key, (flag, value) in named.items() if value is not None and key != "adapt.steps"]
-        if extra or smoke:
-            raise UsageError(
-                f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--smoke'}",
-                hint="only --steps may change, to extend a run",
-            )
+        given = {"--domain": domain, "--mapper": mapper_path, "--clip": clip or None, "--set": sets or None}
+        refuse_changes({**given, **{flag: value for key, (flag, value) in named.items() if key != "adapt.steps"}}, smoke)
         run = RunDir.open(resume)
-        resolved, run_table = _domain_of_run(run)
+        check_output_folder(run.path, "--resume")
+        resolved, run_table = domain_of_run(run, "adapt")
         smoke = bool(run_table.get("smoke"))
-        stored = run_table.get("precision", "fp32")  # runs made before --precision existed are fp32
-        if precision is not None and precision != stored:
-            raise UsageError(
-                f"{run.path} runs in {stored}; --resume cannot switch it to {precision}",
-                hint=f"drop --precision to continue in {stored}",
-            )
-        precision = stored
-        if steps is not None and steps != resolved.adapt.steps:
-            resolved = resolved.with_overrides({"adapt.steps": steps}, flags={"adapt.steps": "--steps"})
-            run.write_config({**resolved.to_toml_dict(), "run": run_table})
+        precision = stored_precision(run, run_table, precision)
+        resolved = extend_steps(run, resolved, run_table, "adapt.steps", steps)
     else:
         if domain is None:
             raise UsageError("missing --domain", hint="e.g. ipl adapt --domain disney --smoke (see ipl prompts list)")
+        check_output_folder(out, "--out")
         resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named).resolved()
         run = None
     if smoke:
@@ -153,6 +125,8 @@ def adapt(
     run_precision = Precision.of(precision, device)
     models = build_models(resolved, device, smoke=smoke)  # fails before any run dir exists
     check_layer_k(resolved, models.source)
+    stage1 = ipl and mapper_path is None and (run is None or not run.mapper_path.exists())
+    check_memory(resolved, models.source, device, ("mapper", "adapt") if stage1 else ("adapt",), command="adapt")
 
     mapper = ckpt_source = None
     if ipl and mapper_path is not None:
@@ -163,26 +137,25 @@ def adapt(
         run_table = {"stage": "adapt", "smoke": smoke, "device": str(device), "save_every": save_every, "precision": run_precision.name}
         if ckpt_source is not None:
             run_table["mapper_from"] = str(ckpt_source)
-        run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
-        if ckpt_source is not None:
-            shutil.copyfile(ckpt_source, run.mapper_path)  # the run dir stays self-contained
+        with write_failures(out, "--out", "then run the same command again"):
+            run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
+            if ckpt_source is not None:
+                shutil.copyfile(ckpt_source, run.mapper_path)  # the run dir stays self-contained
     console.info(f"run directory: {console.escape(run.path)}")
 
-    with graceful_stop() as stop:
+    # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
+    then = f"then `ipl adapt --resume {run.path}` continues from the last saved step"
+    with graceful_stop() as stop, write_failures(run.path, "--out" if resume is None else "--resume", then):
         if ipl and mapper is None:
             if run.mapper_path.exists():
                 mapper, ckpt = load_mapper(run.mapper_path, device)
                 _check_mapper(ckpt, resolved, models, run.mapper_path)
-            else:
-                run.truncate_log(0, stage="mapper")  # an earlier attempt may have logged part of stage 1
-
-                def stage1_step(step: int, terms: dict) -> None:
-                    update1(step, terms)
-                    if stop.requested:
-                        raise Interrupted("stopped during stage 1", hint=f"ipl adapt --resume {run.path} trains the mapper again")
-
+            else:  # continues from a stage-1 state.pt of an interrupted attempt, if any
                 with step_progress(resolved.mapper.steps, "stage 1: mapper") as update1:
-                    run_stage1(resolved, models, run, on_step=stage1_step, precision=run_precision)
+                    run_stage1(
+                        resolved, models, run, on_step=update1, precision=run_precision, stop=stop,
+                        save_every=int(run_table.get("save_every", save_every)), command="adapt",
+                    )
                 mapper, _ = load_mapper(run.mapper_path, device)
         with step_progress(resolved.adapt.steps, f"stage 2: {resolved.adapt.method}") as update2:
             result = run_stage2(

@@ -11,10 +11,11 @@ from rich import box
 from rich.table import Table
 
 from ipltool import console
-from ipltool.atomic import atomic_write_bytes
+from ipltool.atomic import atomic_write_bytes, sweep_stale_temps
 from ipltool.devices import resolve_device
-from ipltool.errors import UsageError, did_you_mean, unknown_name
+from ipltool.errors import CheckpointError, IplError, UsageError, did_you_mean, unknown_name
 from ipltool.metrics.catalog import METRICS
+from ipltool.outdir import check_output_folder, write_failures
 from ipltool.progress import Reporter
 from ipltool.report import cell, heading, metric_keys, missing_notes, run_labels, superscript, tables, write_report
 
@@ -97,14 +98,15 @@ def eval_command(
     reported as null with the reason, never computed with random weights.
 
     An input with nothing to measure (a train-mapper or unfinished run, a folder without
-    images) and picture files Pillow cannot read are skipped with one line each; the
-    rest is evaluated, and the exit code is 1 when anything was skipped.
+    images, a generator that renders NaN pixels) and picture files Pillow cannot read are
+    skipped with one line each; the rest is evaluated, and the exit code is 1 when anything
+    was skipped or a metric came out NaN (reported as null, never as a number).
 
     Examples: ipl eval runs/disney-* --compare   |   ipl eval runs/disney-a runs/disney-b --metrics clip,id --n 200
     """
     # The metric networks import torch: loaded here, so `ipl eval --help` stays instant.
     from ipltool.images import find_images
-    from ipltool.metrics.evaluate import Evaluator, Settings
+    from ipltool.metrics.evaluate import NONFINITE_REASON, Evaluator, Settings
     from ipltool.metrics.sampling import NotEvaluable, resolve_input
     from ipltool.models.clip import check_model_name
 
@@ -118,12 +120,16 @@ def eval_command(
         raise UsageError(f"--id-backbone must be dlib or arcface, not {id_backbone!r}{did_you_mean(id_backbone, ('dlib', 'arcface'))}")
     if not (math.isfinite(truncation) and 0 <= truncation <= 1):
         raise UsageError(f"--truncation must be a number in [0, 1] (got {truncation})", hint="0.7 is the papers' value; 1 turns truncation off")
+    if not 0 <= seed <= 2**63 - 1:  # sample i seeds torch with SEED + i: keep far from torch's 2**64 - 1
+        raise UsageError(f"--seed must be between 0 and {2**63 - 1} (got {seed})")
     for name in clip or []:
         check_model_name(name)  # the same check with --smoke, which measures with the tiny CLIP instead
     for path in [reference, *(sifid_ref or [])]:
         if path is not None and not path.exists():
             raise UsageError(f"no such reference: {path}")
     chosen = _parse_metrics(metrics)
+    check_output_folder(report, "--report")
+    sweep_stale_temps(report)  # temporary files of an eval that was killed mid-write
     # An input with nothing to measure (a train-mapper run matched by runs/disney-*, a folder
     # without images) is skipped with one line; the others are evaluated, and the exit code says so.
     items, skipped = [], []
@@ -182,28 +188,44 @@ def eval_command(
     report.mkdir(parents=True, exist_ok=True)
 
     results = []
-    with Reporter("sample") as progress:
+    # A full disk or read-only folder (the report, or a run's eval-cache/) ends the run with one line.
+    then = "then run the same `ipl eval` again (features already computed are cached)"
+    with write_failures(report, "--report", then), Reporter("sample") as progress:
         # A task per input or reference folder, as the Evaluator names them; each metric's pass restarts it.
         evaluator = Evaluator(settings, device, lambda name, done, total: progress.update(f"eval {name}", done, total))
         for item in items:
-            outcome = evaluator.evaluate(item, report)
+            try:
+                outcome = evaluator.evaluate(item, report)
+                samples = _sample_grid(item, settings, device, report)
+            except (NotEvaluable, CheckpointError) as err:  # e.g. a generator rendering NaN pixels: this input only
+                reason = err.reason if isinstance(err, NotEvaluable) else err.message
+                skipped.append({"path": str(item.path), "reason": reason})
+                console.err.print(f"[yellow]skipped[/] {console.escape(item.path)}: {console.escape(reason)}")
+                continue
             outcome.update(
                 name=item.name, label=item.label, domain=item.domain.name if item.domain else None,
-                kind=item.kind, path=str(item.path), samples=_sample_grid(item, settings, device, report),
+                kind=item.kind, path=str(item.path), samples=samples,
             )
             results.append(outcome)
+    if not results:
+        raise IplError(f"nothing evaluated: all {len(inputs)} input(s) were skipped", hint="the lines above say why")
+    # A NaN metric is reported as null with its reason, and fails the command like a skipped input.
+    nonfinite = [(r["name"], key) for r in results for key, why in r["reasons"].items() if why.startswith(NONFINITE_REASON)]
     settings_record = {
         "metrics": chosen, "n": n, "seed": seed, "truncation": truncation, "weights": "random-test" if smoke else "real",
         "reference": str(reference) if reference else None, "sifid_refs": [str(p) for p in settings.sifid_refs],
         "sifid_layer": sifid_layer, "scs_edge": settings.scs_edge, "id_backbone": id_backbone,
     }
-    paths = write_report(report, results, settings_record)
+    with write_failures(report, "--report", then):
+        paths = write_report(report, results, settings_record)
     if console.wants_json(json_output):
         console.print_json({"report": {k: str(v) for k, v in paths.items()}, "runs": results, "skipped": skipped})
     else:
         _print(results, compare)
         console.out.print(f"report: {console.escape(paths['index.html'])}  (also metrics.json, metrics.csv, metrics.md)")
-    if skipped:
+    for name, key in nonfinite:
+        console.err.print(f"[bold red]error:[/] {console.escape(name)}: {console.escape(key)} is not a finite number (reported as null)")
+    if skipped or nonfinite:
         raise typer.Exit(1)  # the report covers the rest; the lines above name what was left out
 
 

@@ -27,11 +27,17 @@ CLIP_HELP = "CLIP model of the loss as MODEL[:PRETRAINED][=WEIGHT], e.g. ViT-B/1
 
 
 def parse_value(text: str) -> Any:
-    """A flag value as TOML (numbers, booleans, quoted strings, arrays), else the bare text."""
+    """A flag value as TOML (numbers, booleans, quoted strings, arrays), else the bare text.
+
+    Raises:
+        UsageError: a value nested too deeply for the TOML parser.
+    """
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise UsageError("a --set value has arrays or tables nested too deeply", hint="a domain key needs a few levels at most") from None
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import typer
 from rich.table import Table
 
 from ipltool import console, registry
+from ipltool.atomic import sweep_stale_temps
 from ipltool.devices import resolve_device
 from ipltool.errors import Interrupted, PluginError, UsageError, did_you_mean
 from ipltool.interrupt import graceful_stop
+from ipltool.outdir import check_output_folder, exclusive, write_failures
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import track
 
@@ -110,6 +112,7 @@ def stylize(
         options["extra_pass"] = True
     photo_list = collect_photos(list(photos or []), from_list)
     check_output_dir(out, photo_list, list(photos or []))
+    check_output_folder(out, "--out")
     registry.require("encoders", encoder)
     planned = plan_targets(list(generator or []), list(domain or []), runs, smoke)
     if smoke:
@@ -127,44 +130,49 @@ def stylize(
     if not targets:
         console.info("[yellow]no --domain or --generator: writing aligned faces and reconstructions only[/]")
 
-    layout = Layout(out)
-    manifest = Manifest(layout)
-    labels = [t.label for t in targets]
-    earlier = manifest.read() if skip_existing else {}
-    kept, todo = [], []
-    for photo in photo_list:
-        record = earlier.get(str(photo.path))
-        if is_done(record, layout, labels, paste_back, save_latents):
-            kept.append(record)
-        else:
-            todo.append(photo)
-    manifest.start(kept)
-    stylizer = Stylizer(
-        inverter,
-        targets,
-        layout,
-        StylizeOptions(
-            all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
-            save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
-        ),
-        device,
-        detector,
-    )
-    if kept:
-        console.info(f"--skip-existing: {len(kept)} of {len(photo_list)} photos already done")
+    # One stylize at a time per --out: a second one would rewrite the manifest and the contact
+    # sheets of the first. Inside, a full disk or read-only folder ends the run with one line.
+    then = "then run the same command with --skip-existing to continue (the manifest lists the finished photos)"
+    with exclusive(out, "stylize", "--out"), write_failures(out, "--out", then):
+        sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
+        layout = Layout(out)
+        manifest = Manifest(layout)
+        labels = [t.label for t in targets]
+        earlier = manifest.read() if skip_existing else {}
+        kept, todo = [], []
+        for photo in photo_list:
+            record = earlier.get(str(photo.path))
+            if is_done(record, layout, labels, paste_back, save_latents):
+                kept.append(record)
+            else:
+                todo.append(photo)
+        manifest.start(kept)
+        stylizer = Stylizer(
+            inverter,
+            targets,
+            layout,
+            StylizeOptions(
+                all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
+                save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
+            ),
+            device,
+            detector,
+        )
+        if kept:
+            console.info(f"--skip-existing: {len(kept)} of {len(photo_list)} photos already done")
 
-    start = time.perf_counter()
-    stopped = False
-    with graceful_stop() as stop, track(len(todo), "stylize", unit="photo") as update:
-        done = 0
-        for group in groups(todo, stylizer.prepare, batch):
-            stylizer.process(group)
-            done += len(group)
-            update(done, **_count_fields(stylizer.counts))
-            if stop.requested:
-                stopped = True
-                break
-    sheets = stylizer.finish()
+        start = time.perf_counter()
+        stopped = False
+        with graceful_stop() as stop, track(len(todo), "stylize", unit="photo") as update:
+            done = 0
+            for group in groups(todo, stylizer.prepare, batch):
+                stylizer.process(group)
+                done += len(group)
+                update(done, **_count_fields(stylizer.counts))
+                if stop.requested:
+                    stopped = True
+                    break
+        sheets = stylizer.finish()
     seconds = time.perf_counter() - start
     _summary(stylizer, kept, len(photo_list), seconds, layout, sheets, json_output)
     if stopped:

@@ -9,13 +9,18 @@ import typer
 
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
+from ipltool.commands.resume import domain_of_run, extend_steps, refuse_changes, stored_precision
 from ipltool.devices import resolve_device
+from ipltool.errors import UsageError
+from ipltool.interrupt import graceful_stop
+from ipltool.outdir import check_output_folder, write_failures
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import step_progress
 
 
 def train_mapper(
-    domain: str = typer.Option(..., "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted train-mapper run directory (with --steps: extend it)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (domain key mapper.steps)."),
     batch: Optional[int] = typer.Option(None, help="Latents per step (mapper.batch)."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (mapper.lr)."),
@@ -25,16 +30,21 @@ def train_mapper(
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
+    save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
     precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
     json_output: bool = console.json_option(),
 ) -> None:
     """Train the IPL prompt mapper (stage 1) and write runs/<domain>-<time>/mapper.pt.
 
-    Example: ipl train-mapper --domain disney-custom --smoke
+    Ctrl-C (or SIGTERM) stops after the current step and saves the state; --resume RUN_DIR
+    continues it and ends with exactly the mapper of an uninterrupted run.
+
+    Examples: ipl train-mapper --domain disney-custom --smoke   |   ipl train-mapper --resume runs/disney-20261121-101500
     """
     # The training stack imports torch: loaded here, so `ipl train-mapper --help` stays instant.
     from ipltool.domain import load_domain
+    from ipltool.train.guard import check_memory
     from ipltool.train.run import RunDir
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
     from ipltool.train.stage1_run import run_stage1
@@ -46,22 +56,47 @@ def train_mapper(
         "mapper.seed": ("--seed", seed),
         "mapper.kind": ("--mapper-kind", kind),
     }
-    resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
+    if resume is not None:
+        refuse_changes({"--domain": domain, "--clip": clip or None, "--set": sets or None, **{f: v for k, (f, v) in named.items() if k != "mapper.steps"}}, smoke)
+        run = RunDir.open(resume)
+        check_output_folder(run.path, "--resume")
+        resolved, run_table = domain_of_run(run, "mapper")
+        smoke = bool(run_table.get("smoke"))
+        precision = stored_precision(run, run_table, precision)
+        resolved = extend_steps(run, resolved, run_table, "mapper.steps", steps)
+    else:
+        if domain is None:
+            raise UsageError("missing --domain", hint="e.g. ipl train-mapper --domain disney --smoke (see ipl prompts list)")
+        check_output_folder(out, "--out")
+        resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
+        run = None
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     registry.require("mappers", resolved.mapper.kind)  # fail before any run dir exists
     device = resolve_device(console.options.device)
     run_precision = Precision.of(precision, device)
     models = build_models(resolved, device, smoke=smoke)
-    run_table = {"stage": "mapper", "smoke": smoke, "device": str(device), "precision": run_precision.name}
-    config = {**resolved.resolved().to_toml_dict(), "run": run_table}
-    run = RunDir.create(out, resolved.name, config)
+    check_memory(resolved, models.source, device, ("mapper",), command="train-mapper")
+    if run is None:
+        run_table = {"stage": "mapper", "smoke": smoke, "device": str(device), "save_every": save_every, "precision": run_precision.name}
+        config = {**resolved.resolved().to_toml_dict(), "run": run_table}
+        with write_failures(out, "--out", "then run the same command again"):
+            run = RunDir.create(out, resolved.name, config)
     console.info(f"run directory: {console.escape(run.path)}")
-    with step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
-        last = run_stage1(resolved, models, run, chunk=chunk, on_step=update, precision=run_precision)
+    # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
+    then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
+    guard = write_failures(run.path, "--out" if resume is None else "--resume", then)
+    with guard, graceful_stop() as stop, step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
+        result = run_stage1(
+            resolved, models, run, chunk=chunk, on_step=update, precision=run_precision, stop=stop,
+            save_every=int(run_table.get("save_every", save_every)),
+        )
     if console.wants_json(json_output):
         console.print_json(
-            {"run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": last, "smoke": smoke, "precision": run_precision.name}
+            {
+                "run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": result.last, "steps": resolved.mapper.steps,
+                "resumed_from": result.resumed_from, "smoke": smoke, "precision": run_precision.name,
+            }
         )
     else:
         console.out.print(f"mapper written to {console.escape(run.mapper_path)}")

@@ -17,6 +17,7 @@ and the manifest line of a photo is appended only after all its files exist.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -139,11 +140,28 @@ class Manifest:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
-        """Add one input's line and flush it to disk."""
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        """Add one input's line and flush it to disk; a failed write (disk full) leaves the file as it was.
+
+        Raises:
+            OSError: the line could not be written; the manifest keeps only whole lines.
+        """
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as err:
+                # Cut a partial line off: the next append would otherwise glue onto it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                err.filename = err.filename or os.fspath(self.path)
+                raise
+        finally:
+            os.close(fd)
 
 
 def is_done(record: dict | None, layout: Layout, expected_labels: list[str], paste_back: bool, latents: bool) -> bool:

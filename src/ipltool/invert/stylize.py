@@ -22,6 +22,7 @@ from ipltool.images import UnreadableImage, load_rgb, to_pil, to_tensor
 from ipltool.invert.inputs import Photo
 from ipltool.invert.outputs import ERROR, NO_FACE, OK, UNREADABLE, ContactSheet, Layout, Manifest, encoded, png_bytes
 from ipltool.invert.targets import Target
+from ipltool.outdir import is_write_failure
 from ipltool.precision import FP32, Precision
 
 
@@ -185,6 +186,8 @@ class Stylizer:
                     if item.faces:
                         item.record.update(status=ERROR, error=message)
                         item.faces = []
+        if codes is not None:
+            self._refuse_nonfinite(group, codes, rendered)
         records = []
         start = 0
         for item in group:
@@ -193,12 +196,42 @@ class Stylizer:
                 try:
                     self._write(item, codes[start : start + count], {k: v[start : start + count] for k, v in rendered.items()})
                 except OSError as err:
+                    if is_write_failure(err, self.layout.root):
+                        raise  # a full disk or read-only folder fails every later photo too: the run stops, this photo unrecorded
                     item.record.update(status=ERROR, error=f"cannot write outputs: {err}", outputs=[])
             start += count
             self.manifest.append(item.record)
             self.counts[item.record["status"]] += 1
             records.append(item.record)
         return records
+
+    def _refuse_nonfinite(self, group: list[PreparedPhoto], codes: torch.Tensor, rendered: dict[str, torch.Tensor]) -> None:
+        """Make a photo whose W+ code or rendered picture holds NaN or inf an error (it would be written as a black picture).
+
+        Args:
+            group: the photos of `codes`, in order, `len(item.faces)` rows each.
+            codes: (N, n_latent, D) W+ codes of every face of the group.
+            rendered: (N, 3, H, W) pictures per label ("reconstruction" and each target's).
+        """
+        bad_codes = ~torch.isfinite(codes).flatten(1).all(1)
+        bad = {label: ~torch.isfinite(images).flatten(1).all(1) for label, images in rendered.items()}
+        sources = {target.label: f"generator {target.label!r} ({target.source})" for target in self.targets}
+        sources["reconstruction"] = f"the {self.inverter.name} encoder's generator"
+        start = 0
+        for item in group:
+            rows = slice(start, start + len(item.faces))
+            start = rows.stop
+            if item.record["status"] != OK or not item.faces:
+                continue
+            if bad_codes[rows].any():
+                what = "NaN" if torch.isnan(codes[rows]).any() else "infinite"
+                item.record.update(status=ERROR, error=f"the {self.inverter.name} encoder made a W+ code with {what} values; check its weights")
+                continue
+            for label, flags in bad.items():
+                if flags[rows].any():
+                    what = "NaN" if torch.isnan(rendered[label][rows]).any() else "infinite"
+                    item.record.update(status=ERROR, error=f"{sources[label]} rendered {what} pixels; check its weights")
+                    break
 
     def _run_models(self, faces: list[PreparedFace]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, precision = self.options.batch, self.options.precision

@@ -121,6 +121,7 @@ def weights_file(hub_name: str, weights: str | Path | None) -> Path:
             quietly turn the metric into null).
         MetricUnavailable: the cache file is missing and downloads are off, or every
             download mirror failed; the hint names the `ipl fetch` command.
+        CheckpointError: the cache file's sha256 is not the known one.
     """
     if weights is not None:
         path = Path(weights).expanduser()
@@ -128,9 +129,17 @@ def weights_file(hub_name: str, weights: str | Path | None) -> Path:
             raise UsageError(f"weights file not found: {path}", hint=f"give the path of a copy of {hub_name}, or leave it out to use the cache")
         return path
     try:
-        return hub.ensure(hub_name)
+        path = hub.ensure(hub_name)
     except (UsageError, DownloadError) as err:
         raise MetricUnavailable(err.message, hint=err.hint or hub.missing_hint(hub_name)) from None
+    # A cache file whose sha256 is known must still be that file before anything reads it
+    # (the digest is computed once per process, and the weights tag needs it anyway).
+    hashes = hub.known_hashes(hub.get_model(hub_name))
+    if hashes and file_digest(path) not in hashes:
+        raise CheckpointError(
+            f"the cached {hub_name} ({path}) does not match its known sha256", hint=f"fetch it again: ipl fetch --force {hub_name}"
+        )
+    return path
 
 
 def file_digest(path: str | Path) -> str:
@@ -158,18 +167,21 @@ def weights_info(path: str | Path) -> dict[str, str]:
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a `torch.save` file, read without running pickled code.
 
+    Read by `checkpoints.read` (weights only, bounded sizes); every floating tensor must
+    be finite.
+
     Raises:
-        CheckpointError: the file cannot be read or does not hold a dict of tensors.
+        CheckpointError: the file cannot be read, is unsafe, does not hold a dict of
+            tensors, or holds NaN or inf.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickle with code, not a torch file...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read {path} as a state dict: {reason}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+    from ipltool import checkpoints
+
+    state = checkpoints.read(path, "weights file")
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    checkpoints.check_finite(state, path)
     return state
 
 

@@ -9,6 +9,7 @@ missing ones, and one that adds a metric computes only that metric's features.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from ipltool import console
 from ipltool.atomic import atomic_torch_save
-from ipltool.errors import UsageError
+from ipltool.checkpoints import read_feature_cache
+from ipltool.errors import CheckpointError, UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
 from ipltool.metrics.catalog import METRICS
@@ -39,6 +41,10 @@ KEYS = {
     "clip": ("clip_score", "clip_dir"),
     "diversity": ("div_clip", "div_lpips"),
 }
+
+
+#: The `ipl eval` flag that gives each extractor's weights file (named in errors about the file).
+WEIGHTS_FLAGS = {"inception": "--inception-weights", "sifid": "--sifid-weights", "edges": "--hed-weights", "identity": "--id-weights"}
 
 
 @dataclass
@@ -74,6 +80,18 @@ class Need:
     extractor: str  # a key into Evaluator.extractor_specs
     side: str  # "target" or "source"
     n: int
+
+
+#: The reason of a metric whose value came out NaN or infinite (reported as null; the exit code is 1).
+NONFINITE_REASON = "not a finite number"
+
+
+def _finite(value) -> bool:
+    """False for a NaN or infinite number; True for finite numbers, None and anything else."""
+    try:
+        return value is None or isinstance(value, (str, bool)) or math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
 
 
 def _slug(text: str) -> str:
@@ -128,6 +146,11 @@ class Evaluator:
             except MetricUnavailable as err:
                 self._unavailable[name] = (err.message, err.hint)
                 raise
+            except CheckpointError as err:
+                # A bad weights file spoils the metric for every input: stop with one line naming
+                # the flag, not a CheckpointError, which `ipl eval` reads as "skip this input".
+                flag = WEIGHTS_FLAGS.get(kind) if self.settings.weights.get(kind) else None
+                raise UsageError(f"{flag}: {err.message}" if flag else err.message, hint=err.hint) from None
             finally:
                 console.options.offline = previous
         return self._extractors[name]
@@ -152,13 +175,9 @@ class Evaluator:
         for key in wanted:
             extractor = self.extractor(key[0])
             paths[key] = self._cache_path(item, extractor, key[1])
-            cached = {"n": 0, "features": {}}
-            if paths[key].is_file():
-                try:
-                    cached = torch.load(paths[key], map_location="cpu", weights_only=True)
-                except Exception:  # a damaged cache is recomputed, never trusted
-                    cached = {"n": 0, "features": {}}
-            loaded[key] = cached
+            # Read weights-only and checked; a damaged, foreign or planted cache is recomputed, never trusted.
+            cached = read_feature_cache(paths[key]) if paths[key].is_file() else None
+            loaded[key] = cached or {"n": 0, "features": {}}
         missing = {key: (loaded[key]["n"], n) for key, n in wanted.items() if loaded[key]["n"] < n}
         if missing:
             start = min(have for have, _ in missing.values())
@@ -219,6 +238,8 @@ class Evaluator:
             for key, value in result.items():
                 if isinstance(value, tuple):  # (value, reason)
                     value, reasons[key] = value
+                if not _finite(value):  # never a NaN in the report: a null with the reason, and `ipl eval` exits 1
+                    value, reasons[key] = None, f"{NONFINITE_REASON} ({value}): the features of this input hold NaN or inf values"
                 values[key] = value
             meta["n"][metric] = n
         for name, extractor in self._extractors.items():

@@ -3,6 +3,10 @@
 The real network is torch-fidelity's `inception-v3-compat` (TF 2015-12-05 Inception-v3,
 299 px TF1-style bilinear resize, `(x - 128) / 128`), built with
 `feature_extractor_weights_path` pointing at our cache so torch-fidelity never downloads.
+torch-fidelity reads that file with `torch.load(weights_only=False)`, which would run any
+code pickled into it; so it never gets the file: `VerifiedInceptionV3` (registered as
+"ipl-inception-v3-compat") reads it with `checkpoints.read` (weights only, finite) and
+hands torch-fidelity the checked tensors, re-serialized in memory.
 Smoke runs use `RandomTestExtractor`, a tiny fixed random network registered in
 torch-fidelity's registry as "ipl-random-test", so the very same torch-fidelity code
 path can be driven end to end on CPU in milliseconds.
@@ -13,6 +17,7 @@ lazily.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +28,11 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from ipltool.metrics.base import RANDOM_TEST, Extractor, make_key, seeded, weights_file, weights_info, weights_tag
+from ipltool.errors import CheckpointError, UsageError
+from ipltool.metrics.base import RANDOM_TEST, Extractor, load_state_dict_file, make_key, seeded, weights_file, weights_info, weights_tag
 
 REAL_NAME = "inception-v3-compat"  # torch-fidelity's own registry name
+VERIFIED_NAME = "ipl-inception-v3-compat"  # the same network, its weights file read by ipltool
 RANDOM_NAME = "ipl-random-test"
 HUB_NAME = "inception-fid"
 FEATURES = ("logits_unbiased", "2048")  # IS reads the first, FID and KID the second
@@ -93,6 +100,53 @@ def register_random_test() -> str:
     return RANDOM_NAME
 
 
+class VerifiedInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's `inception-v3-compat`, whose weights file only ipltool reads.
+
+    torch-fidelity's own constructor loads `feature_extractor_weights_path` with
+    `torch.load(weights_only=False)`, which runs whatever code is pickled into the file.
+    This one reads the file with `load_state_dict_file` (`torch.load(weights_only=True)`,
+    bounded sizes, finite values), then passes torch-fidelity an in-memory `torch.save`
+    of those tensors only, which nothing can make run code. Registered as
+    `VERIFIED_NAME`, so `torch_fidelity.calculate_metrics(**fidelity_kwargs)` builds
+    this class too.
+
+    Args:
+        name: registry name (`VERIFIED_NAME`).
+        features_list: requested features.
+        feature_extractor_weights_path: the weights file (required: no download).
+        **kwargs: the rest of torch-fidelity's arguments.
+
+    Raises:
+        UsageError: no weights file.
+        CheckpointError: the file is unsafe, unreadable, not finite, or not Inception-v3 weights.
+    """
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | Path | None = None, **kwargs: Any):
+        if feature_extractor_weights_path is None:
+            raise UsageError(f"{VERIFIED_NAME} needs a weights file (it never downloads)")
+        path = Path(feature_extractor_weights_path)
+        state = load_state_dict_file(path)
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)  # tensors only: safe for torch-fidelity's unrestricted torch.load
+        buffer.seek(0)
+        try:
+            super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+        except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped keys
+            lines = [line.strip() for line in str(err).splitlines()[1:3] if line.strip()]
+            raise CheckpointError(
+                f"{path} is not torch-fidelity Inception-v3 weights: {' '.join(lines)[:300]}",
+                hint="give torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or leave --inception-weights out to use the cache",
+            ) from None
+
+
+def register_verified() -> str:
+    """Register `VerifiedInceptionV3` in torch-fidelity once per process; returns its name."""
+    if VERIFIED_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(VERIFIED_NAME, VerifiedInceptionV3)
+    return VERIFIED_NAME
+
+
 class InceptionExtractor(Extractor):
     """Features "logits_unbiased" (N, 1008) and "2048" (N, 2048) float32 (smoke: (N, 10) and (N, 16)).
 
@@ -117,8 +171,8 @@ class InceptionExtractor(Extractor):
             self.weights, tag = "random-test", RANDOM_TEST
             self.info = {"backbone": fidelity_name, "weights": RANDOM_TEST}
         else:
-            fidelity_name, path = REAL_NAME, weights_file(HUB_NAME, weights)
-            self.net = FeatureExtractorInceptionV3(fidelity_name, list(FEATURES), feature_extractor_weights_path=str(path))
+            fidelity_name, path = register_verified(), weights_file(HUB_NAME, weights)
+            self.net = VerifiedInceptionV3(fidelity_name, list(FEATURES), feature_extractor_weights_path=str(path))
             self.weights, tag = "real", weights_tag(path)
             self.info = {"backbone": "torch-fidelity inception-v3-compat (TF 2015-12-05)", **weights_info(path)}
         self.info.update({"is_layer": LAYERS["isc"], "fid_layer": LAYERS["fid"], "kid_layer": LAYERS["kid"]})

@@ -49,6 +49,17 @@ class NotEvaluable(UsageError):
         self.reason = reason
 
 
+class NonFiniteSamples(NotEvaluable):
+    """A generator input whose pictures hold NaN or inf values: there is nothing meaningful to measure.
+
+    Raised while sampling; `ipl eval` then skips the input with one line, as a `NotEvaluable` one,
+    and exits with code 1.
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(path, reason, hint="its weights are broken (a diverged run?): retrain it, or resume it from a finite state")
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Generator output in [-1, 1] to uint8 (B, 3, H, W): `round((x + 1) * 127.5)`, clamped (METRICS §0)."""
     return images.add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
@@ -123,6 +134,10 @@ class EvalInput:
                 w = mean + truncation * (w - mean)
                 x_s, _ = source([w], input_is_latent=True, randomize_noise=False)
                 x_t, _ = target([w], input_is_latent=True, randomize_noise=False)
+                # to_uint8 would turn NaN into black pixels and measure them like any picture.
+                for images, which in ((x_t, "its adapted generator"), (x_s, f"its source generator {self.domain.generator!r}")):
+                    if not torch.isfinite(images).all():
+                        raise NonFiniteSamples(self.path, f"{which} renders {'NaN' if images.isnan().any() else 'infinite'} pixels")
                 yield {"source": to_uint8(x_s), "target": to_uint8(x_t)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ipltool import hub
+from ipltool import checkpoints, hub
 from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError, did_you_mean
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -185,6 +185,9 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise UsageError(f"CLIP weights file not found: {path}", hint=_fetch_hint(name))
+        # Empty files and zip bombs are refused before torch or open_clip opens the file
+        # (both read it with weights_only=True or as TorchScript, never as a plain pickle).
+        checkpoints.check_file(path, "CLIP weights file")
         try:
             if _is_openai_file(path):
                 # open_clip's create_model(pretrained=FILE) rejects OpenAI files; the
@@ -199,7 +202,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
             raise
         except Exception as exc:
             raise CheckpointError(
-                f"cannot load CLIP weights {path} into {name}: {_first_line(exc)}",
+                f"cannot load CLIP weights {path} into {name}: {checkpoints.first_line(exc)}",
                 hint=f"check that the file holds weights of the {name} architecture",
             ) from exc
 

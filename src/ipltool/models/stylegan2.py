@@ -486,6 +486,8 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> GeneratorConfig:
             widths[2 ** (level + 3)] = state[f"convs.{2 * level}.conv.weight"].shape[1]
     except KeyError as err:
         raise CheckpointError(f"not a StyleGAN2 generator state dict in the rosinality layout (no key {err})") from None
+    except (IndexError, AttributeError):  # a tensor of the wrong rank, or not a tensor
+        raise CheckpointError("not a StyleGAN2 generator state dict in the rosinality layout (a tensor of the wrong shape)") from None
     channel_max = max(widths.values())
     multiplier = 2
     if 64 in widths and widths[64] < 512:
@@ -499,39 +501,55 @@ def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig
     """Load a generator checkpoint (`{"g_ema": state_dict, ...}`) with strict key matching.
 
     Args:
-        path: a `.pt` file written by torch.save (read with `weights_only=True`).
+        path: a `.pt` file written by torch.save (read by `checkpoints.read`: weights only,
+            bounded sizes).
         key: which entry holds the generator (`g_ema` in every released file).
-        config: the expected architecture; inferred from the weights when None.
-        map_location: passed to `torch.load`.
+        config: the expected architecture; else the file's `config` entry (validated by
+            `checkpoints.generator_config`), else inferred from the weights.
+        map_location: where the generator goes.
 
     Returns:
         The generator, in eval mode, on `map_location`.
 
     Raises:
-        CheckpointError: unreadable file, missing key, or weights that do not fit.
+        CheckpointError: unreadable or unsafe file, missing key, a config with unknown keys,
+            wrong types or values outside real models' ranges, non-finite weights, or
+            weights that do not fit; checked before the generator is built.
     """
+    from ipltool import checkpoints
+
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or key not in ckpt:
-        found = ", ".join(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} has no {key!r} entry (found: {found})")
-    state = ckpt[key]
+    ckpt = checkpoints.read(path, "checkpoint")
+    if key not in ckpt:
+        raise CheckpointError(f"{path} has no {key!r} entry (found: {', '.join(sorted(map(str, ckpt)))})")
+    what = f"{path}[{key!r}]"
+    state = checkpoints.tensor_dict(ckpt[key], what, "generator state dict")
     if config is None:
-        config = GeneratorConfig(**ckpt["config"]) if isinstance(ckpt.get("config"), dict) else config_from_state_dict(state)
-    return build_from_state(config, state, f"{path}[{key!r}]").eval()
+        if ckpt.get("config") is not None:
+            config = checkpoints.generator_config(ckpt["config"], path)
+        else:
+            try:
+                config = config_from_state_dict(state)
+            except (CheckpointError, UsageError) as err:
+                raise CheckpointError(f"{what}: {err.message}") from None
+    checkpoints.check_finite(state, what)
+    return build_from_state(config, state, what).eval().to(map_location)
 
 
 def build_from_state(config: GeneratorConfig, state: dict[str, torch.Tensor], what: str) -> Generator:
     """A `Generator` of `config` with `state` loaded strictly.
 
+    Before anything is built, the config must be within real models' ranges and describe
+    the weights in `state` (`checkpoints.check_generator_fits`), so no config can make this
+    allocate more than the weights it is given.
+
     Raises:
         CheckpointError: one line naming `what` and the first mismatching keys.
     """
+    from ipltool import checkpoints
+
+    checkpoints.check_generator_config(config, what)
+    checkpoints.check_generator_fits(config, state, what)
     generator = Generator.from_config(config)
     try:
         generator.load_state_dict(state, strict=True)

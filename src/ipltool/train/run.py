@@ -30,8 +30,8 @@ from typing import Any
 import tomli_w
 import torch
 
-from ipltool.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from ipltool.errors import CheckpointError, UsageError
+from ipltool.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, sweep_stale_temps
+from ipltool.errors import UsageError
 
 __all__ = ["RunDir", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "capture_rng_state", "restore_rng_state"]
 
@@ -251,7 +251,7 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> RunDir:
-        """An existing run directory.
+        """An existing run directory, cleared of the temporary files of writers that were killed.
 
         Args:
             path: the directory (the one holding `config.toml`).
@@ -273,6 +273,7 @@ class RunDir:
                 f"not a run directory: {path} (no {CONFIG_NAME})",
                 hint="pass a folder made by a training command, such as runs/<domain>-<timestamp>",
             )
+        sweep_stale_temps(path)  # a live writer's (another process resuming or evaluating) stays
         return cls(path)
 
     # -- paths ---------------------------------------------------------------
@@ -330,6 +331,8 @@ class RunDir:
             raise UsageError(f"not a run directory: {self._path} (no {CONFIG_NAME})") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{self.config_path}: invalid TOML: {e}") from None
+        except RecursionError:  # tomllib recurses once per level of nesting
+            raise UsageError(f"{self.config_path}: invalid TOML: arrays or tables nested too deeply") from None
 
     def write_config(self, config: dict) -> None:
         """Replace `config.toml` atomically (used when a resumed run is extended)."""
@@ -453,7 +456,10 @@ class RunDir:
         atomic_torch_save(state, self.state_path)
 
     def load_state(self, map_location: str | torch.device = "cpu") -> dict | None:
-        """Read `state.pt` with `torch.load(weights_only=True)`.
+        """Read `state.pt` with `checkpoints.read` (weights only, bounded sizes, a dict).
+
+        Only the file is checked here; the caller checks the contents against its run
+        with `checkpoints.validate_state` before using any of it.
 
         Args:
             map_location: where tensors go, default CPU.
@@ -462,18 +468,14 @@ class RunDir:
             The state dict, or None when the run has not saved one yet.
 
         Raises:
-            CheckpointError: the file exists but cannot be read as a weights-only state dict.
+            CheckpointError: the file exists but cannot be read as a weights-only dict.
         """
+        from ipltool import checkpoints
+
         if not self.state_path.exists():
             return None
-        try:
-            state = torch.load(self.state_path, map_location=map_location, weights_only=True)
-        except Exception as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"cannot read {self.state_path}: {first_line}",
-                hint="the file is damaged or was not written by ipltool; delete it to start over",
-            ) from e
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{self.state_path}: expected a dict, found {type(state).__name__}")
-        return state
+        # Read whole, not memory-mapped: resumed optimizer states are updated in place.
+        return checkpoints.read(
+            self.state_path, "resume state", mmap=False, map_location=map_location,
+            hint="the file is damaged or was not written by ipltool; delete it to start over",
+        )

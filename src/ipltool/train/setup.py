@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ipltool import hub, registry
-from ipltool.domain import Domain
-from ipltool.errors import CheckpointError
+from ipltool.domain import CLIP_CONTEXT, Domain
+from ipltool.errors import CheckpointError, DomainError
 from ipltool.models.clip import Clip, PromptEncoder, check_model_name, load_clip
 from ipltool.models.stylegan2 import Generator
 
@@ -64,7 +64,43 @@ def build_models(domain: Domain, device: torch.device, smoke: bool = False) -> M
         else:
             clip = load_clip(spec.model, spec.pretrained, device=device)
         clips.append((clip, spec.weight))
+    check_prompt_lengths(domain, [clip for clip, _ in clips])
     return Models(source, clips, PromptEncoder(clips[0][0], domain.ctx_init))
+
+
+def check_prompt_lengths(domain: Domain, clips: list[Clip]) -> None:
+    """Refuse a text that CLIP would silently cut at its context length, counting the tokens of every sentence a run encodes.
+
+    The sentences: `ctx_init`; for source and target, `ctx_init + " " + label + "."`, the label
+    alone and the 79 ImageNet templates filled with it; each custom prompt. The domain schema
+    already refused texts too long by their characters alone (`ipltool.domain.MAX_TEXT_CHARS`),
+    so no tokenizer ever sees a megabyte. Tokenizers without a BPE `encode` (Hugging Face
+    towers) are not checked.
+
+    Raises:
+        DomainError: `target makes the sentence 'a photo of a …' 81 tokens long; CLIP ViT-B-32 reads at most 77 ...`.
+    """
+    from ipltool.train.text import imagenet_templates
+
+    ctx = domain.ctx_init
+    texts = [("ctx_init", ctx)]
+    for key in ("source", "target"):
+        label = getattr(domain, key)
+        texts += [(key, f"{ctx} {label}."), (key, label), *((key, t.format(label)) for t in imagenet_templates())]
+    texts += [(f"prompts.custom[{i}]", sentence) for i, sentence in enumerate(domain.prompts.custom)]
+    for clip in clips:
+        encode = getattr(clip.tokenizer, "encode", None)
+        if encode is None:
+            continue
+        limit = int(getattr(clip.tokenizer, "context_length", None) or CLIP_CONTEXT)
+        for key, text in texts:
+            count = len(encode(text)) + 2  # with the start and end tokens
+            if count > limit:
+                shown = text if len(text) <= 60 else text[:60] + "…"
+                raise DomainError(
+                    f"{key} makes the sentence {shown!r} {count} tokens long; CLIP {clip.name} reads at most {limit} (start and end tokens included)",
+                    hint=f"shorten {key}",
+                )
 
 
 def new_mapper(domain: Domain, models: Models) -> torch.nn.Module:
@@ -97,20 +133,42 @@ def load_mapper(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     Returns:
         (mapper in eval mode, the checkpoint dict).
 
+    Everything is checked before the mapper is built: the file is read weights-only
+    (`checkpoints.read`), `kind` must be a name, `init_args` within
+    `checkpoints.MAPPER_LIMITS` and of plain types, the weights finite, and their keys and
+    shapes those of the mapper the arguments build on the meta device (no memory), so a
+    file cannot make a mapper larger than itself.
+
     Raises:
-        CheckpointError: unreadable file, or weights that do not fit the stored arguments.
+        CheckpointError: unreadable or unsafe file, bad kind or arguments, non-finite
+            weights, or weights that do not fit the stored arguments.
     """
+    from ipltool import checkpoints
+    from ipltool.errors import UnknownNameError, UsageError
+
+    ckpt = checkpoints.read(path, "mapper checkpoint", mmap=False)
+    kind = ckpt.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise CheckpointError(f"{path}: not a mapper checkpoint (its 'kind' is {kind!r:.40}, not a mapper name)")
+    n_ctx, dim, latent_dim, options = checkpoints.mapper_args(ckpt.get("init_args"), path)
+    state = checkpoints.tensor_dict(ckpt.get("state_dict"), path, "mapper state dict")
+    checkpoints.check_finite(state, path, prefix="state_dict")
+
+    def build() -> torch.nn.Module:
+        try:
+            return registry.build_mapper(kind, n_ctx, dim, latent_dim, **options)
+        except UnknownNameError as err:
+            raise CheckpointError(f"{path} holds a mapper of unknown kind: {err.message}", hint=err.hint) from None
+        except (UsageError, TypeError, ValueError) as err:  # options the factory refuses
+            message = err.message if isinstance(err, UsageError) else checkpoints.first_line(err)
+            raise CheckpointError(f"{path}: its init_args do not build a {kind!r} mapper ({message})") from None
+
+    expected = checkpoints.meta_state(build)
+    if expected is not None:  # None: a plugin that cannot be built on the meta device
+        checkpoints.check_shapes(state, expected, path, f"a {kind!r} mapper")
+    mapper = build()
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        kind, args = ckpt["kind"], dict(ckpt["init_args"])
-    except FileNotFoundError:
-        raise CheckpointError(f"mapper checkpoint not found: {path}") from None
-    except Exception as err:
-        raise CheckpointError(f"cannot read mapper checkpoint {path}: {str(err).splitlines()[0]}") from None
-    n_ctx, dim, latent_dim = args.pop("n_ctx"), args.pop("dim"), args.pop("latent_dim")
-    mapper = registry.build_mapper(kind, n_ctx, dim, latent_dim, **args)
-    try:
-        mapper.load_state_dict(ckpt["state_dict"], strict=True)
+        mapper.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit a {kind!r} mapper: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not fit a {kind!r} mapper: {checkpoints.first_line(err)}") from None
     return mapper.to(device).eval(), ckpt

@@ -14,11 +14,12 @@ from typing import Callable
 
 import torch
 
-from ipltool.domain import Domain
+from ipltool.domain import Domain, Mapper
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
 from ipltool.precision import FP32, Precision, backward_step
 from ipltool.train import losses
+from ipltool.train.guard import StepGuard
 from ipltool.train.text import TextFeatures
 
 
@@ -207,12 +208,21 @@ def train_mapper(
 
     Returns:
         The optimizer (its state goes into the mapper checkpoint).
+
+    Raises:
+        NonFiniteError: a non-finite loss or mapper weight (see `ipltool.train.guard`).
     """
     targets = stage1_targets(TextFeatures(prompts.clip), domain)
     optimizer = torch.optim.Adam(mapper.parameters(), lr=domain.mapper.lr)
     scaler = precision.scaler()
+    guard = StepGuard(
+        "stage 1", lambda: list(mapper.parameters()), lr=domain.mapper.lr, reference_lr=Mapper.model_fields["lr"].default,
+        precision=precision, scaler=scaler, inputs={"the source generator": generator, f"CLIP {prompts.clip.name}": prompts.clip.model},
+    )
     for step in range(1, (steps or domain.mapper.steps) + 1):
-        terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, domain.mapper.batch, chunk, precision, scaler)
+        with guard.step(step):
+            terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, domain.mapper.batch, chunk, precision, scaler)
+        guard.check(step, terms["loss"])
         if on_step is not None:
             on_step(step, terms)
     return optimizer

@@ -15,12 +15,14 @@ from typing import Callable
 
 import torch
 
+from ipltool import checkpoints
 from ipltool.domain import Domain
 from ipltool.errors import Interrupted, UsageError
 from ipltool.images import find_images, load_rgb, to_tensor
 from ipltool.interrupt import StopRequest
 from ipltool.models.stylegan2 import generator_checkpoint
 from ipltool.precision import FP32, Precision
+from ipltool.train.guard import StepGuard
 from ipltool.train.run import RunDir, atomic_torch_save, capture_rng_state, restore_rng_state
 from ipltool.train.samples import SampleGrid
 from ipltool.train.setup import Models
@@ -64,8 +66,14 @@ def _restore(run: RunDir, state: Stage2State) -> bool:
     """Load `state.pt` into `state` when it holds a stage-2 state; True if it did."""
     device = state.fixed_z.device
     saved = run.load_state(map_location=device)
-    if saved is None or saved.get("stage") != STAGE:
+    if saved is None or checkpoints.state_stage(saved, run.state_path) != STAGE:
         return False
+    # A foreign or planted file is refused here, before any of it is used; the step guard
+    # checks the restored weights for non-finite values with its own message.
+    checkpoints.validate_state(
+        saved, run.state_path, stage=STAGE, modules={"trainable": state.trainable, "ema": state.ema},
+        optimizers={"optimizer": state.optimizer}, tensors={"fixed_z": state.fixed_z}, scalers=_scalers(state), finite=False,
+    )
     state.trainable.load_state_dict(saved["trainable"])
     state.ema.load_state_dict(saved["ema"])
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -77,6 +85,24 @@ def _restore(run: RunDir, state: Stage2State) -> bool:
             scaler.load_state_dict(saved["scalers"][key])
     restore_rng_state(saved["rng"])
     return True
+
+
+def _guard(state: Stage2State, domain: Domain, models: Models, run: RunDir, mapper: torch.nn.Module | None) -> StepGuard:
+    """The non-finite guard of stage 2: the layers each step trained, and the frozen inputs to blame."""
+    inputs: dict[str, object] = {"the source generator": models.source}
+    if mapper is not None:
+        inputs[f"the mapper ({run.mapper_path})"] = mapper
+    inputs.update({f"CLIP {clip.name}": clip.model for clip, _ in models.clips})
+    return StepGuard(
+        "stage 2",
+        lambda: [p for p in state.trainable.parameters() if p.requires_grad],  # frozen layers did not change
+        lr=domain.adapt.lr,
+        reference_lr=type(domain.adapt).model_fields["lr"].default,
+        precision=state.precision,
+        scaler=state.scaler,
+        inputs=inputs,
+        lower="--batch (adapt.batch) or --set adapt.auto_layer_batch=N",
+    )
 
 
 def _use_style_images(terms, models: Models, domain: Domain) -> None:
@@ -118,6 +144,10 @@ def run_stage2(
     torch.manual_seed(cfg.seed)
     state = start_stage2(models.source, domain, precision)
     resumed = _restore(run, state)
+    guard = _guard(state, domain, models, run, mapper)
+    if resumed:
+        guard.check_start(str(run.state_path), {"EMA weights": state.ema, "optimizer state": state.optimizer.state_dict()["state"]})
+        guard.saved_step = state.step
     if state.step > cfg.steps:
         raise UsageError(
             f"{run.path} is already at step {state.step}, past adapt.steps = {cfg.steps}",
@@ -138,7 +168,9 @@ def run_stage2(
                 hint=f"continue with: ipl adapt --resume {run.path}",
             )
         started = time.perf_counter()
-        terms_of_step = stage2_step(state, models.source, terms, domain, mapper, models.prompts if mapper else None)
+        with guard.step(state.step + 1):
+            terms_of_step = stage2_step(state, models.source, terms, domain, mapper, models.prompts if mapper else None)
+        guard.check(state.step, terms_of_step["loss"])  # before anything is logged, sampled or saved
         result.last = {"stage": STAGE, "step": state.step, **terms_of_step, "seconds": round(time.perf_counter() - started, 4)}
         run.log(result.last)
         if on_step is not None:
@@ -147,6 +179,7 @@ def run_stage2(
             write_samples()
         if state.step % save_every == 0 and state.step < cfg.steps:
             _save(run, state)
+            guard.saved_step = state.step
 
     if not result.samples and not (run.samples_dir / f"step-{state.step:06d}.png").exists():
         write_samples()  # a finished run resumed again still shows its final grid

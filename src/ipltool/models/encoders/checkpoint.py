@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipltool import checkpoints
 from ipltool.atomic import atomic_torch_save
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.models.encoders.irse import BackboneConfig
@@ -77,14 +78,10 @@ def _supported() -> str:
 
 
 def _read(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"encoder checkpoint not found: {path}") from None
-    except Exception as err:  # torch raises many types for corrupt or unsafe files
-        raise CheckpointError(f"cannot read encoder checkpoint {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt.get("opts"), dict):
-        found = ", ".join(sorted(map(str, ckpt))) if isinstance(ckpt, dict) else type(ckpt).__name__
+    # Weights only, sizes bounded by the file, memory-mapped: the released files are 1.2 GB.
+    ckpt = checkpoints.read(path, "encoder checkpoint")
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(ckpt.get("opts"), dict):
+        found = ", ".join(sorted(map(str, ckpt)))
         raise CheckpointError(
             f"{path} is not a pSp/e4e/ReStyle checkpoint: it needs 'state_dict' and 'opts' dicts (found: {found})"
         )
@@ -162,6 +159,8 @@ def encoder_arch(state: dict[str, torch.Tensor], what: str = "encoder") -> dict[
         backbone = BackboneConfig(in_nc=stem.shape[1], widths=tuple(widths), units=tuple(counts), se_reduction=max(reduction, 1))
     except KeyError as err:
         raise CheckpointError(f"{what}: not an IR-SE encoder state dict (no key {err})") from None
+    except IndexError:  # a tensor of the wrong rank
+        raise CheckpointError(f"{what}: not an IR-SE encoder state dict (a tensor of the wrong shape)") from None
     except UsageError as err:  # shapes no BackboneConfig accepts
         raise CheckpointError(f"{what}: {err.message}") from None
     return {
@@ -198,6 +197,7 @@ def _latent_avg(ckpt: dict, path: Path, n_styles: int, style_dim: int) -> torch.
     if not isinstance(avg, torch.Tensor):
         raise CheckpointError(f"{path}: latent_avg is a {type(avg).__name__}, not a tensor")
     avg = avg.detach().float()
+    checkpoints.check_finite(avg, path, prefix="latent_avg")
     ok = (avg.ndim == 1 and avg.shape[0] == style_dim) or (avg.ndim == 2 and avg.shape[0] in (1, n_styles) and avg.shape[1] == style_dim)
     if not ok:
         raise CheckpointError(
@@ -246,6 +246,7 @@ def read_checkpoint(path: str | Path, expected_type: str | None = None) -> Encod
         raise CheckpointError(f"{path}: {err.message}") from None
     if not enc_state or not dec_state:
         raise CheckpointError(f"{path}: state_dict needs both 'encoder.*' and 'decoder.*' entries")
+    checkpoints.check_finite(state, path, prefix="state_dict")
 
     arch = encoder_arch(enc_state, f"{path} (encoder)")
     n_styles, style_dim, input_size = arch["n_styles"], arch["style_dim"], arch["input_size"]
@@ -277,7 +278,7 @@ def read_checkpoint(path: str | Path, expected_type: str | None = None) -> Encod
 
     try:
         config = config_from_state_dict(dec_state)
-    except CheckpointError as err:
+    except (CheckpointError, UsageError) as err:
         raise CheckpointError(f"{path} (decoder): {err.message}") from None
     if config.size != size or config.style_dim != style_dim:
         raise CheckpointError(

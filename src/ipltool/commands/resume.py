@@ -1,0 +1,83 @@
+"""`--resume RUN_DIR` of the training commands: the run's stored settings, and the flags that may not change them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ipltool.errors import DomainError, UsageError
+
+if TYPE_CHECKING:
+    from ipltool.domain import Domain
+    from ipltool.train.run import RunDir
+
+#: The `[run] stage` each training command writes, and the command that continues it.
+COMMANDS = {"adapt": "adapt", "mapper": "train-mapper"}
+
+
+def domain_of_run(run: RunDir, stage: str) -> tuple[Domain, dict]:
+    """The resolved domain and the `[run]` table stored in a run's config.toml.
+
+    Args:
+        stage: the stage the resuming command continues ("adapt" or "mapper").
+
+    Raises:
+        UsageError: the run was made by another command (the hint says how to use it instead).
+        DomainError: its config.toml is not a valid domain.
+    """
+    from pydantic import ValidationError
+
+    from ipltool.domain import Domain
+
+    config = run.read_config()
+    run_table = config.pop("run", {})
+    found = run_table.get("stage")
+    if found != stage:
+        what = {"adapt": "an adapt run", "mapper": "a train-mapper run"}
+        if stage == "adapt" and found == "mapper":
+            hint = f"to adapt with its mapper: ipl adapt --domain {config.get('name', 'NAME')} --mapper {run.path}"
+        elif found in COMMANDS:
+            hint = f"continue it with: ipl {COMMANDS[found]} --resume {run.path}"
+        else:
+            hint = None
+        raise UsageError(f"{run.path} is a {found or 'unknown'!r} run, not {what[stage]}", hint=hint)
+    try:
+        return Domain.model_validate(config), run_table
+    except ValidationError as err:
+        raise DomainError(f"{run.config_path}: not a valid run config ({err.errors()[0]['msg']})") from None
+
+
+def refuse_changes(flags: dict[str, Any], smoke: bool) -> None:
+    """`--resume` keeps a run's settings: refuse every flag given in `flags` (`{"--batch": 4}`; None, False, [] = not given).
+
+    Raises:
+        UsageError: naming the flags to drop; only --steps may change.
+    """
+    extra = [flag for flag, value in flags.items() if value is not None and value is not False and value != []]
+    if extra or smoke:
+        raise UsageError(
+            f"--resume continues a run with its saved settings; drop {', '.join(extra) or '--smoke'}",
+            hint="only --steps may change, to extend a run",
+        )
+
+
+def stored_precision(run: RunDir, run_table: dict, precision: str | None) -> str:
+    """The run's own precision; an explicit `--precision` must agree with it.
+
+    Raises:
+        UsageError: `--precision` names another one.
+    """
+    stored = run_table.get("precision", "fp32")  # runs made before --precision existed are fp32
+    if precision is not None and precision != stored:
+        raise UsageError(f"{run.path} runs in {stored}; --resume cannot switch it to {precision}", hint=f"drop --precision to continue in {stored}")
+    return stored
+
+
+def extend_steps(run: RunDir, resolved: Domain, run_table: dict, key: str, steps: int | None) -> Domain:
+    """Apply `--steps` of a resumed run to `key` ("adapt.steps" or "mapper.steps") and store it in config.toml."""
+    section, leaf = key.split(".")
+    if steps is None or steps == getattr(getattr(resolved, section), leaf):
+        return resolved
+    resolved = resolved.with_overrides({key: steps}, flags={key: "--steps"})
+    run.write_config({**resolved.to_toml_dict(), "run": run_table})
+    return resolved
+
