@@ -90,19 +90,32 @@ def build_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_smoke_runs():
-    """`make(root, steps)`: an IPL and a NADA `--smoke` adapt run of disney under `root` (a few seconds each)."""
-    return _make_smoke_runs
+def ipl_at():
+    """`run(root, *args)`: `ipl ARGS` in-process, offline, with its cache under `root`; returns the exit code.
+
+    For module-scoped fixtures, which cannot use the per-test environment of `isolated_env`.
+    """
+    return _ipl_at
 
 
-def _make_smoke_runs(root: Path, steps: int) -> list[Path]:
+def _ipl_at(root: Path, *args: str) -> int:
     from ipltool.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IPL_OFFLINE", "1")
         mp.setenv("IPL_CACHE", str(root / "cache"))
         mp.setenv("IPL_PLUGINS", "")
-        for method in ("ipl", "nada"):
-            args = ["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", str(steps), "--out", str(root / method)]
-            assert main(args) == 0
+        return main(list(args))
+
+
+@pytest.fixture(scope="session")
+def make_smoke_runs():
+    """`make(root, steps)`: an IPL and a NADA `--smoke` adapt run of disney under `root` (a few seconds each)."""
+    return _make_smoke_runs
+
+
+def _make_smoke_runs(root: Path, steps: int) -> list[Path]:
+    for method in ("ipl", "nada"):
+        args = ["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", method, "--steps", str(steps), "--out", str(root / method)]
+        assert _ipl_at(root, *args) == 0
     return [next((root / method).iterdir()) for method in ("ipl", "nada")]

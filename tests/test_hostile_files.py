@@ -46,17 +46,11 @@ def write_hostile(path: Path, kind: str, marker: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
+def world(tmp_path_factory, ipl_at) -> dict[str, Path]:
     """A NADA `--smoke` adapt run (1 step), a photo, and a domain whose generator is the tiny one."""
-    from ipltool.cli import main
-
     root = tmp_path_factory.mktemp("hostile")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IPL_OFFLINE", "1")
-        mp.setenv("IPL_CACHE", str(root / "cache"))
-        mp.setenv("IPL_PLUGINS", "")
-        args = ["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", "nada", "--steps", "1", "--out", str(root / "runs")]
-        assert main(args) == 0
+    args = ["--quiet", "adapt", "--domain", "disney", "--smoke", "--method", "nada", "--steps", "1", "--out", str(root / "runs")]
+    assert ipl_at(root, *args) == 0
     run = next((root / "runs").iterdir())
     photo = root / "photo.png"
     gen = torch.Generator().manual_seed(0)

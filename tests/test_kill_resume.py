@@ -88,15 +88,10 @@ def _stop_stage1_at(monkeypatch, step: int, how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
+def uninterrupted(tmp_path_factory, ipl_at) -> Path:
     """The reference: the same smoke adapt run, never interrupted (in-process, as the resumes)."""
-    from ipltool.cli import main
-
     root = tmp_path_factory.mktemp("whole")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"IPL_OFFLINE": "1", "IPL_CACHE": str(root / "cache"), "IPL_PLUGINS": ""}.items():
-            mp.setenv(key, value)
-        assert main(["--quiet", "--device", "cpu", "adapt", *ADAPT, "--out", str(root / "runs")]) == 0
+    assert ipl_at(root, "--quiet", "--device", "cpu", "adapt", *ADAPT, "--out", str(root / "runs")) == 0
     return next((root / "runs").iterdir())
 
 

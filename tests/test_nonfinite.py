@@ -192,15 +192,11 @@ def test_stylize_with_a_broken_generator_records_an_error_never_ok(run_cli, tmp_
 
 
 @pytest.fixture(scope="module")
-def nada_run(tmp_path_factory) -> Path:
+def nada_run(tmp_path_factory, ipl_at) -> Path:
     """One finished `--smoke` NADA run (no stage 1: the quickest adapt run)."""
-    from ipltool.cli import main
-
     root = tmp_path_factory.mktemp("nada")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"IPL_OFFLINE": "1", "IPL_CACHE": str(root / "cache"), "IPL_PLUGINS": ""}.items():
-            mp.setenv(key, value)
-        assert main(["--quiet", "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--method", "nada", "--steps", "1", "--out", str(root / "runs")]) == 0
+    args = ["--quiet", "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--method", "nada", "--steps", "1", "--out", str(root / "runs")]
+    assert ipl_at(root, *args) == 0
     return next((root / "runs").iterdir())
 
 

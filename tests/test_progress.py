@@ -253,16 +253,10 @@ def test_stylize_prints_photos_and_their_outcomes(run_cli, tmp_path, monkeypatch
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, ipl_at):
     """One `ipl adapt --smoke` run of two steps."""
-    from ipltool.cli import main
-
     root = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IPL_OFFLINE", "1")
-        mp.setenv("IPL_CACHE", str(root / "cache"))
-        mp.setenv("IPL_PLUGINS", "")
-        assert main(["--quiet", "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--steps", "2", "--out", str(root)]) == 0
+    assert ipl_at(root, "--quiet", "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--steps", "2", "--out", str(root)) == 0
     return next(p for p in root.iterdir() if p.name.startswith("disney-"))
 
 

@@ -22,17 +22,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def report_dir(tmp_path_factory, make_smoke_runs) -> Path:
+def report_dir(tmp_path_factory, make_smoke_runs, ipl_at) -> Path:
     """The report of an IPL and a NADA `--smoke` run of disney (CLIP metrics and FID, which has no reference)."""
-    from ipltool.cli import main
-
     root = tmp_path_factory.mktemp("browser")
     runs = [str(run) for run in make_smoke_runs(root, steps=1)]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IPL_OFFLINE", "1")
-        mp.setenv("IPL_CACHE", str(root / "cache"))
-        mp.setenv("IPL_PLUGINS", "")
-        assert main(["--quiet", "eval", *runs, "--metrics", "clip,fid", "--n", "4", "--report", str(root / "report")]) == 0
+    assert ipl_at(root, "--quiet", "eval", *runs, "--metrics", "clip,fid", "--n", "4", "--report", str(root / "report")) == 0
     return root / "report"
 
 

@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import stat
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -205,7 +206,11 @@ def read(
     on_cpu = map_location is None or str(map_location) == "cpu"
     use_mmap = bool(mmap and on_cpu and zipfile.is_zipfile(path))
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol its weights-only reader may not know; a
+            # file it cannot read is refused below in one line, so the warning adds only noise.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"cannot read {what} {path}: refused, it is not a plain weights file ({first_line(err)})",

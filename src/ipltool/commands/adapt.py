@@ -10,7 +10,7 @@ import typer
 
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
-from ipltool.commands.resume import domain_of_run, extend_steps, refuse_changes, stored_precision
+from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.interrupt import graceful_stop
@@ -103,13 +103,7 @@ def adapt(
     }
     if resume is not None:
         given = {"--domain": domain, "--mapper": mapper_path, "--clip": clip or None, "--set": sets or None}
-        refuse_changes({**given, **{flag: value for key, (flag, value) in named.items() if key != "adapt.steps"}}, smoke)
-        run = RunDir.open(resume)
-        check_output_folder(run.path, "--resume")
-        resolved, run_table = domain_of_run(run, "adapt")
-        smoke = bool(run_table.get("smoke"))
-        precision = stored_precision(run, run_table, precision)
-        resolved = extend_steps(run, resolved, run_table, "adapt.steps", steps)
+        run, resolved, run_table, smoke, precision = continue_run(resume, "adapt", "adapt.steps", given, named, smoke, precision, steps)
     else:
         if domain is None:
             raise UsageError("missing --domain", hint="e.g. ipl adapt --domain disney --smoke (see ipl prompts list)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipltool.errors import DomainError, UsageError
+from ipltool.outdir import check_output_folder
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
@@ -81,3 +83,34 @@ def extend_steps(run: RunDir, resolved: Domain, run_table: dict, key: str, steps
     run.write_config({**resolved.to_toml_dict(), "run": run_table})
     return resolved
 
+
+
+def continue_run(
+    path: Path, stage: str, steps_key: str, given: dict[str, Any], named: dict[str, tuple[str, Any]], smoke: bool, precision: str | None,
+    steps: int | None,
+) -> tuple[RunDir, Domain, dict, bool, str]:
+    """Open the run `--resume PATH` continues, with its own settings.
+
+    Args:
+        stage: the stage the command continues ("adapt" or "mapper").
+        steps_key: the domain key `--steps` extends ("adapt.steps" or "mapper.steps").
+        given: the command's other setting flags (`{"--domain": ..., "--set": ...}`), refused when given.
+        named: the command's named flags as `{key: (flag, value)}`; all but `steps_key` are refused when given.
+        smoke, precision, steps: the flags as given.
+
+    Returns:
+        (run, resolved domain, `[run]` table, the run's smoke flag, the run's precision).
+
+    Raises:
+        UsageError: a setting flag was given, the run is another command's, it cannot be
+            written to, or `--precision` differs from the run's.
+    """
+    from ipltool.train.run import RunDir
+
+    refuse_changes({**given, **{flag: value for key, (flag, value) in named.items() if key != steps_key}}, smoke)
+    run = RunDir.open(path)
+    check_output_folder(run.path, "--resume")
+    resolved, run_table = domain_of_run(run, stage)
+    precision = stored_precision(run, run_table, precision)
+    resolved = extend_steps(run, resolved, run_table, steps_key, steps)
+    return run, resolved, run_table, bool(run_table.get("smoke")), precision

@@ -90,7 +90,7 @@ def stylize(
     """
     # The encoders and generators import torch: loaded here, so `ipl stylize --help` stays instant.
     from ipltool.invert.inputs import check_output_dir, collect_photos
-    from ipltool.invert.outputs import ERROR, OK, Layout, Manifest, is_done
+    from ipltool.invert.outputs import OK, Layout, Manifest, is_done
     from ipltool.invert.stylize import StylizeOptions, Stylizer, groups
     from ipltool.invert.targets import load_targets, plan_targets
     from ipltool.train.setup import SMOKE_NOTE

@@ -9,7 +9,7 @@ import typer
 
 from ipltool import console, registry
 from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
-from ipltool.commands.resume import domain_of_run, extend_steps, refuse_changes, stored_precision
+from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.interrupt import graceful_stop
@@ -57,13 +57,8 @@ def train_mapper(
         "mapper.kind": ("--mapper-kind", kind),
     }
     if resume is not None:
-        refuse_changes({"--domain": domain, "--clip": clip or None, "--set": sets or None, **{f: v for k, (f, v) in named.items() if k != "mapper.steps"}}, smoke)
-        run = RunDir.open(resume)
-        check_output_folder(run.path, "--resume")
-        resolved, run_table = domain_of_run(run, "mapper")
-        smoke = bool(run_table.get("smoke"))
-        precision = stored_precision(run, run_table, precision)
-        resolved = extend_steps(run, resolved, run_table, "mapper.steps", steps)
+        given = {"--domain": domain, "--clip": clip or None, "--set": sets or None}
+        run, resolved, run_table, smoke, precision = continue_run(resume, "mapper", "mapper.steps", given, named, smoke, precision, steps)
     else:
         if domain is None:
             raise UsageError("missing --domain", hint="e.g. ipl train-mapper --domain disney --smoke (see ipl prompts list)")
