@@ -285,10 +285,6 @@ def fetch(name: str, force: bool = False) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
 def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
     """Decompress a verified archive into `path` (through a temporary name), then drop the archive."""
     if entry.decompress != "bz2":

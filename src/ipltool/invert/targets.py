@@ -59,15 +59,6 @@ def finished_runs(domain: str, runs_root: Path) -> list[tuple[Path, bool]]:
     return found
 
 
-def find_domain_run(domain: str, runs_root: Path, smoke: bool) -> Path | None:
-    """The newest adapt run of `domain` under `runs_root` that has a `generator.pt`.
-
-    Smoke runs (tiny random models) only match a `--smoke` stylize, and real runs only a
-    real one: their generators are not interchangeable.
-    """
-    return next((path for path, is_smoke in finished_runs(domain, runs_root) if is_smoke == smoke), None)
-
-
 def _label_from(path: Path) -> str:
     if path.is_dir():
         name = _run_config(path).get("name")
