@@ -5,6 +5,7 @@ import torch
 
 from ipltool.domain import parse_domain
 from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
+from ipltool.train import losses
 from ipltool.train.stage2 import (
     choose_layers,
     clip_terms,
@@ -208,3 +209,22 @@ def test_sample_grid_never_draws_from_the_training_stream(stage2_models, tmp_pat
     with torch.no_grad():
         w = source.mapping(z)
     torch.testing.assert_close(grid.w_plus[:, 0], grid.mean_w + 0.7 * (w - grid.mean_w))
+
+
+def test_nada_global_term_aims_at_a_target_and_the_layer_choice_at_the_bare_label(stage2_models):
+    # StyleGAN-NADA's CLIPLoss.forward encodes f"a {target}" for its global term, while
+    # its determine_opt_layers encodes the bare target class.
+    source, clip, _, _ = stage2_models
+    domain = _domain('[loss]\nlambda_global = 1.0\n').with_overrides({"adapt.method": "nada"})
+    (term,) = clip_terms([(clip, 1.0)], domain)
+    assert torch.equal(term.nada_global, clip.encode_text(["a disney"])[0].float())
+    assert torch.equal(term.target_label, clip.encode_text(["disney"])[0].float())
+
+    seen = []
+    real = losses.global_clip_loss
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(losses, "global_clip_loss", lambda f, text, scale: seen.append(text) or real(f, text, scale))
+        _run(stage2_models, domain, steps=1, method_mapper=False)
+    # The layer choice's call comes first, then the step's global term.
+    assert [torch.equal(t, term.target_label) for t in seen] == [True, False]
+    assert torch.equal(seen[-1], term.nada_global)

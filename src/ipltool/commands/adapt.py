@@ -54,7 +54,7 @@ def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> Non
 
 def adapt(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
-    method: Optional[str] = typer.Option(None, help="ipl (default) or nada (StyleGAN-NADA baseline: one direction, no mapper)."),
+    method: Optional[str] = typer.Option(None, help="ipl (default) or nada (StyleGAN-NADA baseline: one template direction, no mapper; its global term, loss.lambda_global, aims at the sentence \"a TARGET\" and its layer choice at the bare TARGET, as the original)."),
     mapper_path: Optional[Path] = typer.Option(None, "--mapper", help="Trained mapper.pt, or a train-mapper run dir; skips stage 1."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory (with --steps: extend it)."),
     steps: Optional[int] = typer.Option(None, help="Adaptation steps (adapt.steps)."),

@@ -86,7 +86,8 @@ def global_clip_loss(image_features: torch.Tensor, text_feature: torch.Tensor, l
 
     Args:
         image_features: (B, D) raw image features.
-        text_feature: (D,) or (1, D) raw feature of the plain target label.
+        text_feature: (D,) or (1, D) raw text feature: of the bare target label for the
+            layer choice, of the sentence "a {target}" for NADA's global term.
         logit_scale: exp(CLIP's logit_scale), taken from the model.
     """
     cos = unit(image_features) @ unit(text_feature.reshape(1, -1)).t()

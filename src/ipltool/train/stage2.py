@@ -49,6 +49,12 @@ class ClipTerm:
     context: torch.Tensor  # a0 = E_T(ctx_init), raw (quirk: no label, no period)
     target_label: torch.Tensor  # E_T(target), raw: the layer choice's text
     nada_direction: torch.Tensor | None = None  # (1, D), for method "nada"
+    nada_global: torch.Tensor | None = None  # E_T("a " + target), raw: NADA's global term, for method "nada"
+
+
+def nada_global_sentence(target: str) -> str:
+    """The sentence NADA's global CLIP term encodes for `target`: "a disney" for "disney"."""
+    return f"a {target}"
 
 
 def clip_terms(clips: list[tuple[Clip, float]], domain: Domain) -> list[ClipTerm]:
@@ -59,6 +65,9 @@ def clip_terms(clips: list[tuple[Clip, float]], domain: Domain) -> list[ClipTerm
         term = ClipTerm(clip, weight, text, text.sentence(domain.ctx_init), text.sentence(domain.target))
         if domain.adapt.method == "nada":
             term.nada_direction = losses.nada_direction(text.templates(domain.source), text.templates(domain.target))
+            # StyleGAN-NADA aims its global term at the sentence "a {target}", while its
+            # layer choice uses the bare label (`target_label`): two different features.
+            term.nada_global = text.sentence(nada_global_sentence(domain.target))
         terms.append(term)
     return terms
 
@@ -294,7 +303,7 @@ def stage2_step(
         model_loss = domain.loss.lambda_direction * directional
         record[f"directional_{i}"] = directional.item()
         if cfg.method == "nada" and domain.loss.lambda_global:
-            global_term = losses.global_clip_loss(f_t, term.target_label, term.clip.logit_scale)
+            global_term = losses.global_clip_loss(f_t, term.nada_global, term.clip.logit_scale)
             model_loss = model_loss + domain.loss.lambda_global * global_term
             record[f"global_{i}"] = global_term.item()
         loss = loss + term.weight * model_loss
