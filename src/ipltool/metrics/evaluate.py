@@ -26,21 +26,8 @@ from ipltool.metrics import MetricUnavailable, build_extractor, formulas
 from ipltool.metrics.catalog import METRICS
 from ipltool.metrics.sampling import EvalInput, folder_input
 
-#: Sample counts of METRICS.md §0 (one `--n` overrides them all; `--smoke` uses SMOKE_N).
-DEFAULT_N = {"is": 5000, "fid": 5000, "kid": 5000, "sifid": 100, "scs": 500, "id": 1000, "clip": 1000, "diversity": 1000}
+#: Samples per metric under `--smoke` (the defaults are in `TABLE`).
 SMOKE_N = 16
-
-#: Output keys of each metric (METRICS.md §0), so a skipped metric still shows its keys.
-KEYS = {
-    "is": ("is_mean", "is_std"),
-    "fid": ("fid", "fid_src_tgt"),
-    "kid": ("kid_mean", "kid_std"),
-    "sifid": ("sifid_mean", "sifid_std"),
-    "scs": ("scs",),
-    "id": ("id_sim",),
-    "clip": ("clip_score", "clip_dir"),
-    "diversity": ("div_clip", "div_lpips"),
-}
 
 
 #: The `ipl eval` flag that gives each extractor's weights file (named in errors about the file).
@@ -70,7 +57,7 @@ class Settings:
         """Samples metric `metric` uses."""
         if self.n is not None:
             return self.n
-        return SMOKE_N if self.smoke else DEFAULT_N[metric]
+        return SMOKE_N if self.smoke else TABLE[metric].default_n
 
 
 @dataclass
@@ -232,8 +219,8 @@ class Evaluator:
             try:
                 result = self._metric(metric, item, n, report_dir, meta)
             except MetricUnavailable as err:
-                result = {key: None for key in KEYS[metric]}
-                for key in KEYS[metric]:
+                result = {key: None for key in TABLE[metric].keys}
+                for key in TABLE[metric].keys:
                     reasons[key] = err.message + (f" ({err.hint})" if err.hint else "")
             for key, value in result.items():
                 if isinstance(value, tuple):  # (value, reason)
@@ -248,76 +235,150 @@ class Evaluator:
         return {"metrics": values, "reasons": reasons, "meta": meta}
 
     def _metric(self, metric: str, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
-        s = self.settings
-        unpaired = (None, "needs source/adapted pairs (a run or a checkpoint, not a folder)")
-        if metric in ("is", "fid", "kid"):
-            # Only FID has a source-side value (fid_src_tgt); IS and KID use the adapted images alone.
-            needs = [Need("inception", "target", n)] + ([Need("inception", "source", n)] if item.paired and metric == "fid" else [])
-            feats = self.features(item, needs)
-            target = feats[("inception", "target")]
-            if metric == "is":
-                mean, std = formulas.inception_score(target["logits_unbiased"])
-                return {"is_mean": mean, "is_std": std}
-            reference = None
-            if s.reference is not None:
-                reference = self.reference_features("inception", find_images(s.reference), report_dir / "cache")["2048"]
-            no_ref = (None, "no --reference folder of real target-domain images")
-            if metric == "fid":
-                out = {"fid": formulas.fid(target["2048"], reference) if reference is not None else no_ref}
-                out["fid_src_tgt"] = formulas.fid(feats[("inception", "source")]["2048"], target["2048"]) if item.paired else unpaired
-                return out
-            if reference is None:
-                return {"kid_mean": no_ref, "kid_std": no_ref}
-            mean, std = formulas.kid(target["2048"], reference)
-            return {"kid_mean": mean, "kid_std": std}
-        if metric == "sifid":
-            if not s.sifid_refs:
-                reason = (None, "no --sifid-ref reference image")
-                return {"sifid_mean": reason, "sifid_std": reason}
-            target = self.features(item, [Need("sifid", "target", n)])[("sifid", "target")]
-            refs = self.reference_features("sifid", s.sifid_refs, report_dir / "cache")
-            mean, std = formulas.sifid(
-                (target["mu"], target["sigma"]), [(refs["mu"][i], refs["sigma"][i]) for i in range(len(s.sifid_refs))]
-            )
-            return {"sifid_mean": mean, "sifid_std": std}
-        if metric in ("scs", "id"):
-            key = {"scs": "scs", "id": "id_sim"}[metric]
-            if not item.paired:
-                return {key: unpaired}
-            name = "edges" if metric == "scs" else "identity"
-            feats = self.features(item, [Need(name, "source", n), Need(name, "target", n)])
-            src, tgt = feats[(name, "source")], feats[(name, "target")]
-            if metric == "scs":
-                return {"scs": formulas.scs(src["edges"], tgt["edges"])}
-            meta["id_fallbacks"] = int(src["fallback"].sum() + tgt["fallback"].sum())
-            return {"id_sim": formulas.id_similarity(src["emb"], tgt["emb"])}
-        if metric in ("clip", "diversity"):
-            out: dict = {}
-            for index, name in enumerate(self.clip_names(item)):
-                suffix = "" if index == 0 else f"[{name[5:].split('|')[0]}]"
-                sides = ["target", "source"] if item.paired and metric == "clip" else ["target"]
-                feats = self.features(item, [Need(name, side, n) for side in sides])
-                emb_t = feats[(name, "target")]["emb"]
-                if metric == "diversity":
-                    out["div_clip" + suffix] = formulas.clip_diversity(emb_t)
-                    continue
-                if item.domain is None:
-                    out["clip_score" + suffix] = (None, "a folder needs --domain for its target text")
-                    out["clip_dir" + suffix] = (None, "a folder needs --domain for its texts")
-                    continue
-                from ipltool.metrics import target_text_embedding
+        if metric not in TABLE:
+            raise UsageError(f"unknown metric {metric!r}", hint=f"metrics: {', '.join(METRICS)}")
+        return TABLE[metric].compute(self, item, n, report_dir, meta)
 
-                extractor = self.extractor(name)
-                text_t = target_text_embedding(extractor, item.domain.target)
-                out["clip_score" + suffix] = formulas.clip_score(emb_t, text_t)
-                if item.paired:
-                    text_s = target_text_embedding(extractor, item.domain.source)
-                    direction = formulas.clip_directional(feats[(name, "source")]["emb"], emb_t, text_s, text_t)
-                    out["clip_dir" + suffix] = direction if direction is not None else (None, "undefined: no change between pairs")
-                else:
-                    out["clip_dir" + suffix] = unpaired
-            if metric == "diversity":
-                out["div_lpips"] = (None, "LPIPS diversity is not implemented (needs VGG weights); div_clip measures diversity")
-            return out
-        raise UsageError(f"unknown metric {metric!r}", hint=f"metrics: {', '.join(METRICS)}")
 
+# ----------------------------------------------------------------------------
+# The metrics: what each needs and how it is computed (METRICS.md)
+#
+# Each function returns {output key: value}; a value may be a (value, reason) pair, e.g.
+# (None, "why it has no value"). Features come from `Evaluator.features`, cached.
+
+#: A value that needs source/adapted pairs, for an input without them.
+UNPAIRED = (None, "needs source/adapted pairs (a run or a checkpoint, not a folder)")
+NO_REFERENCE = (None, "no --reference folder of real target-domain images")
+
+
+def _inception(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, source: bool) -> tuple[dict, torch.Tensor | None]:
+    """Inception features of the adapted images (and, with `source`, of the source images), and of --reference."""
+    needs = [Need("inception", "target", n)] + ([Need("inception", "source", n)] if source else [])
+    feats = ev.features(item, needs)
+    reference = None
+    if ev.settings.reference is not None:
+        reference = ev.reference_features("inception", find_images(ev.settings.reference), report_dir / "cache")["2048"]
+    return feats, reference
+
+
+def inception_score(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """IS of the adapted images alone."""
+    target = ev.features(item, [Need("inception", "target", n)])[("inception", "target")]
+    mean, std = formulas.inception_score(target["logits_unbiased"])
+    return {"is_mean": mean, "is_std": std}
+
+
+def frechet_distance(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """FID against --reference, and between source and adapted images (`fid_src_tgt`, pairs only)."""
+    feats, reference = _inception(ev, item, n, report_dir, source=item.paired)
+    target = feats[("inception", "target")]["2048"]
+    return {
+        "fid": formulas.fid(target, reference) if reference is not None else NO_REFERENCE,
+        "fid_src_tgt": formulas.fid(feats[("inception", "source")]["2048"], target) if item.paired else UNPAIRED,
+    }
+
+
+def kernel_distance(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """KID of the adapted images against --reference."""
+    feats, reference = _inception(ev, item, n, report_dir, source=False)
+    if reference is None:
+        return {"kid_mean": NO_REFERENCE, "kid_std": NO_REFERENCE}
+    mean, std = formulas.kid(feats[("inception", "target")]["2048"], reference)
+    return {"kid_mean": mean, "kid_std": std}
+
+
+def single_image_fid(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """SIFID of the adapted images against each --sifid-ref picture."""
+    refs_given = ev.settings.sifid_refs
+    if not refs_given:
+        reason = (None, "no --sifid-ref reference image")
+        return {"sifid_mean": reason, "sifid_std": reason}
+    target = ev.features(item, [Need("sifid", "target", n)])[("sifid", "target")]
+    refs = ev.reference_features("sifid", refs_given, report_dir / "cache")
+    mean, std = formulas.sifid((target["mu"], target["sigma"]), [(refs["mu"][i], refs["sigma"][i]) for i in range(len(refs_given))])
+    return {"sifid_mean": mean, "sifid_std": std}
+
+
+def _pairs(ev: Evaluator, item: EvalInput, n: int, extractor: str) -> tuple[dict, dict]:
+    feats = ev.features(item, [Need(extractor, "source", n), Need(extractor, "target", n)])
+    return feats[(extractor, "source")], feats[(extractor, "target")]
+
+
+def structural_consistency(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """SCS: edge maps of each source/adapted pair compared."""
+    if not item.paired:
+        return {"scs": UNPAIRED}
+    src, tgt = _pairs(ev, item, n, "edges")
+    return {"scs": formulas.scs(src["edges"], tgt["edges"])}
+
+
+def identity_similarity(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """ID: face-embedding similarity of each source/adapted pair (faces only)."""
+    if not item.paired:
+        return {"id_sim": UNPAIRED}
+    src, tgt = _pairs(ev, item, n, "identity")
+    meta["id_fallbacks"] = int(src["fallback"].sum() + tgt["fallback"].sum())
+    return {"id_sim": formulas.id_similarity(src["emb"], tgt["emb"])}
+
+
+def _clip_suffix(index: int, name: str) -> str:
+    """"" for the first CLIP model, "[ViT-B/16]" for the others."""
+    return "" if index == 0 else f"[{name[5:].split('|')[0]}]"
+
+
+def clip_scores(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """CLIP score against the target text and CLIP directional similarity, per CLIP model."""
+    from ipltool.metrics import target_text_embedding
+
+    out: dict = {}
+    for index, name in enumerate(ev.clip_names(item)):
+        suffix = _clip_suffix(index, name)
+        sides = ["target", "source"] if item.paired else ["target"]
+        feats = ev.features(item, [Need(name, side, n) for side in sides])
+        emb_t = feats[(name, "target")]["emb"]
+        if item.domain is None:
+            out["clip_score" + suffix] = (None, "a folder needs --domain for its target text")
+            out["clip_dir" + suffix] = (None, "a folder needs --domain for its texts")
+            continue
+        extractor = ev.extractor(name)
+        text_t = target_text_embedding(extractor, item.domain.target)
+        out["clip_score" + suffix] = formulas.clip_score(emb_t, text_t)
+        if item.paired:
+            text_s = target_text_embedding(extractor, item.domain.source)
+            direction = formulas.clip_directional(feats[(name, "source")]["emb"], emb_t, text_s, text_t)
+            out["clip_dir" + suffix] = direction if direction is not None else (None, "undefined: no change between pairs")
+        else:
+            out["clip_dir" + suffix] = UNPAIRED
+    return out
+
+
+def diversity(ev: Evaluator, item: EvalInput, n: int, report_dir: Path, meta: dict) -> dict:
+    """Mean pairwise CLIP distance of the adapted images, per CLIP model."""
+    out: dict = {}
+    for index, name in enumerate(ev.clip_names(item)):
+        emb_t = ev.features(item, [Need(name, "target", n)])[(name, "target")]["emb"]
+        out["div_clip" + _clip_suffix(index, name)] = formulas.clip_diversity(emb_t)
+    out["div_lpips"] = (None, "LPIPS diversity is not implemented (needs VGG weights); div_clip measures diversity")
+    return out
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One `ipl eval` metric: its report keys, its default sample count, and how it is computed."""
+
+    keys: tuple[str, ...]  # shown even when the metric is skipped
+    default_n: int  # METRICS.md section 0; one `--n` overrides them all
+    compute: Callable[[Evaluator, EvalInput, int, Path, dict], dict]
+
+
+TABLE: dict[str, Metric] = {
+    "is": Metric(("is_mean", "is_std"), 5000, inception_score),
+    "fid": Metric(("fid", "fid_src_tgt"), 5000, frechet_distance),
+    "kid": Metric(("kid_mean", "kid_std"), 5000, kernel_distance),
+    "sifid": Metric(("sifid_mean", "sifid_std"), 100, single_image_fid),
+    "scs": Metric(("scs",), 500, structural_consistency),
+    "id": Metric(("id_sim",), 1000, identity_similarity),
+    "clip": Metric(("clip_score", "clip_dir"), 1000, clip_scores),
+    "diversity": Metric(("div_clip", "div_lpips"), 1000, diversity),
+}
+assert tuple(TABLE) == METRICS, "the table and metrics.catalog list the same metrics in report order"
