@@ -93,3 +93,67 @@ def test_broken_plugin_is_reported(monkeypatch):
 
     with pytest.raises(PluginError, match="mapper plugin 'broken' .* failed to load: ModuleNotFoundError"):
         registry.load("mappers", "broken")
+
+
+# Objects for the contract tests below, loaded through fake entry points.
+NOT_A_FACTORY = 42
+
+
+class NoLoad:
+    """An encoder plugin object without load()."""
+
+    default_weights = None
+
+
+class LoadOnly:
+    """An encoder plugin object with load() but no tiny()."""
+
+    def load(self, path, device="cpu", **options):
+        return path
+
+
+NO_LOAD, LOAD_ONLY = NoLoad(), LoadOnly()
+
+
+def _fake_entry_points(monkeypatch, group: str, name: str, target: str):
+    from importlib import metadata
+
+    fake = metadata.EntryPoint(name=name, value=f"test_plugins:{target}", group=group)
+    real = metadata.entry_points
+
+    def entry_points(group_=None, **kw):
+        group_ = kw.pop("group", group_)
+        found = list(real(group=group_, **kw))
+        return found + [fake] if group_ == group else found
+
+    monkeypatch.setattr(metadata, "entry_points", entry_points)
+    monkeypatch.delenv("IPL_PLUGINS")
+
+
+def test_a_mapper_plugin_that_is_not_callable_is_refused_when_it_loads(monkeypatch):
+    from ipltool.errors import PluginError
+
+    _fake_entry_points(monkeypatch, "ipltool.mappers", "number", "NOT_A_FACTORY")
+    with pytest.raises(PluginError, match=r"mapper plugin 'number' .*\(test_plugins:NOT_A_FACTORY\) is not callable: .*MapperFactory"):
+        registry.load("mappers", "number")
+
+
+def test_an_encoder_plugin_without_load_is_refused_naming_the_method(monkeypatch):
+    from ipltool.errors import PluginError
+
+    _fake_entry_points(monkeypatch, "ipltool.encoders", "noload", "NO_LOAD")
+    with pytest.raises(PluginError, match=r"encoder plugin 'noload' .* has no load\(\) method: .*EncoderLoader"):
+        registry.load("encoders", "noload")
+
+
+def test_an_optional_method_is_asked_for_by_what_needs_it(monkeypatch, run_cli, tmp_path):
+    _fake_entry_points(monkeypatch, "ipltool.encoders", "loadonly", "LOAD_ONLY")
+    obj = registry.load("encoders", "loadonly")  # load() is all the contract requires
+    assert registry.optional_method("encoders", "loadonly", obj, "load", "stylizing") == obj.load
+    photo = tmp_path / "face.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "gray").save(photo)
+    code, out, err = run_cli("stylize", str(photo), "--smoke", "--no-align", "--encoder", "loadonly", "--out", str(tmp_path / "out"))
+    assert code != 0
+    assert "encoder plugin 'loadonly'" in err and "has no tiny() method, which --smoke needs" in err

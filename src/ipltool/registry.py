@@ -20,7 +20,7 @@ import types
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ipltool.errors import PluginError, unknown_name
 
@@ -31,6 +31,36 @@ GROUPS = {
 }
 ENV_VAR = "IPL_PLUGINS"
 OWN_DIST = "ipltool"
+
+
+# ----------------------------------------------------------------------------
+# Contracts, checked when a plugin loads (docs/plugins.md has the full text)
+
+
+@runtime_checkable
+class MapperFactory(Protocol):
+    """`ipltool.mappers`: builds a module mapping w (B, latent_dim) to prompts (B, n_ctx, dim)."""
+
+    def __call__(self, n_ctx: int, dim: int, latent_dim: int, **options: Any) -> Any: ...
+
+
+@runtime_checkable
+class EncoderLoader(Protocol):
+    """`ipltool.encoders`: loads an inverter from a checkpoint.
+
+    Optional members: `default_weights` (a registry name used when `--weights` is not
+    given) and `tiny(decoder, seed=0, input_size=64, device="cpu", **options)` (a random
+    inverter for `--smoke`); see `optional_method`.
+    """
+
+    def load(self, path: Any, device: Any = "cpu", **options: Any) -> Any: ...
+
+
+#: Per group: the protocol its objects follow and the methods they must have.
+CONTRACTS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "mappers": (MapperFactory, ("__call__",)),
+    "encoders": (EncoderLoader, ("load",)),
+}
 
 
 @dataclass(frozen=True)
@@ -120,20 +150,50 @@ def load(kind: str, name: str) -> Any:
     plugin = _find(kind, name)
     ep = metadata.EntryPoint(name=plugin.name, value=plugin.value, group=GROUPS[kind])
     try:
-        return ep.load()
+        obj = ep.load()
     except Exception as err:
         raise PluginError(
             f"{kind[:-1]} plugin {name!r} from {plugin.dist} failed to load: {type(err).__name__}: {err}",
             hint=f"reinstall {plugin.dist}, or set {ENV_VAR} to leave it out",
         ) from err
+    _check_contract(plugin, obj)
+    return obj
+
+
+def _describe(plugin: Plugin) -> str:
+    return f"{plugin.kind[:-1]} plugin {plugin.name!r} from {plugin.dist} ({plugin.value})"
+
+
+def _check_contract(plugin: Plugin, obj: Any) -> None:
+    """Refuse an object without the methods of its group's protocol, naming the plugin and the method."""
+    protocol, methods = CONTRACTS.get(plugin.kind, (None, ()))
+    for method in methods:
+        if not callable(getattr(obj, method, None)):
+            what = "is not callable" if method == "__call__" else f"has no {method}() method"
+            raise PluginError(
+                f"{_describe(plugin)} {what}: it does not follow the {protocol.__name__} contract",
+                hint="see docs/plugins.md for what each plugin group provides",
+            )
+
+
+def optional_method(kind: str, name: str, obj: Any, method: str, needed_for: str):
+    """The optional method `method` of plugin object `obj`, or a PluginError saying what needs it.
+
+    Raises:
+        PluginError: `obj` has no such method; the message names the plugin and `needed_for`.
+    """
+    found = getattr(obj, method, None)
+    if not callable(found):
+        raise PluginError(
+            f"{_describe(_find(kind, name))} has no {method}() method, which {needed_for} needs",
+            hint="see docs/plugins.md for the optional methods of each plugin group",
+        )
+    return found
 
 
 def build_mapper(kind: str, n_ctx: int, dim: int, latent_dim: int, **options):
     """Build the mapper registered as `kind` with the factory contract of `ipltool.mappers`."""
-    factory = load("mappers", kind)
-    if not callable(factory):
-        raise PluginError(f"mapper plugin {kind!r} is not callable")
-    return factory(n_ctx, dim, latent_dim, **options)
+    return load("mappers", kind)(n_ctx, dim, latent_dim, **options)
 
 
 def _as_directory(obj: Any) -> Path:

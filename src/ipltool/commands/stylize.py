@@ -12,7 +12,7 @@ from rich.table import Table
 from ipltool import console, registry
 from ipltool.atomic import sweep_stale_temps
 from ipltool.devices import resolve_device
-from ipltool.errors import Interrupted, PluginError, UsageError, did_you_mean
+from ipltool.errors import Interrupted, UsageError, did_you_mean
 from ipltool.interrupt import graceful_stop
 from ipltool.outdir import check_output_folder, exclusive, write_failures
 from ipltool.precision import Precision, precision_option
@@ -30,13 +30,11 @@ def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dic
     """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with --smoke."""
     from ipltool import hub
 
-    plugin = registry.load("encoders", name)
-    needed = "tiny" if smoke else "load"
-    if not callable(getattr(plugin, needed, None)):
-        raise PluginError(f"encoder plugin {name!r} has no {needed}() method", hint="see the ipltool.encoders contract in the README")
+    plugin = registry.load("encoders", name)  # checked against registry.EncoderLoader
     if smoke:
+        tiny = registry.optional_method("encoders", name, plugin, "tiny", "--smoke")
         source = hub.load_generator_by_name("tiny", device=device)
-        return plugin.tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
+        return tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
     if weights is None:
         default = getattr(plugin, "default_weights", None)
         if not default:
