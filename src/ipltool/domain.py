@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,13 +23,8 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ipltool import tomlio
 from ipltool.errors import DomainError, did_you_mean, unknown_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 
 # ----------------------------------------------------------------------------
 # Schema
@@ -38,6 +32,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 # Limits of values that would otherwise fail deep inside a run (RunDir names, torch's seeding, CLIP's tokenizer).
 MAX_NAME_LENGTH = 100
+#: A domain name: it names run directories (`runs/<name>-<timestamp>`), so no separators.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 #: torch.manual_seed takes 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
 #: CLIP reads 77 tokens, start and end tokens included.
@@ -152,7 +148,7 @@ class Adapt(_Strict):
 class Domain(_Strict):
     """A complete domain description: labels, models and hyper-parameters."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     source: str = Field(min_length=1)
     target: str = Field(min_length=1)
@@ -244,15 +240,7 @@ class Domain(_Strict):
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The resolved domain as plain data for TOML (None values left out)."""
-        return _drop_none(self.model_dump())
-
-
-def _drop_none(value):
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
+        return tomlio.plain(self.model_dump())
 
 
 # ----------------------------------------------------------------------------
@@ -357,8 +345,8 @@ def parse_domain(text: str, origin: str) -> Domain:
     if len(text) > MAX_FILE_CHARS:
         raise _too_large(text, origin)  # before tomllib, which takes most of a second over 10 MB
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
+        data = tomlio.loads(text)
+    except tomlio.TOMLDecodeError as err:
         raise DomainError(f"{origin}: invalid TOML: {err}", hint="check the quoting and brackets near that line") from None
     except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
         raise DomainError(f"{origin}: invalid TOML: arrays or tables nested too deeply", hint="a domain file needs a few levels at most") from None

@@ -9,18 +9,14 @@ validated again, so a bad value is reported with its key (`override: key 'adapt.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
+from ipltool import tomlio
 from ipltool.errors import UsageError
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SET_HELP = "Override any domain key, e.g. --set adapt.ema=0.995 or --set 'ctx_init=\"a picture of a\"' (repeatable)."
 CLIP_HELP = "CLIP model of the loss as MODEL[:PRETRAINED][=WEIGHT], e.g. ViT-B/16:openai=0.5; repeat for several (replaces the domain's list)."
@@ -33,8 +29,8 @@ def parse_value(text: str) -> Any:
         UsageError: a value nested too deeply for the TOML parser.
     """
     try:
-        return tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
+        return tomlio.loads(f"value = {text}")["value"]
+    except tomlio.TOMLDecodeError:
         return text
     except RecursionError:  # tomllib recurses once per level of nesting
         raise UsageError("a --set value has arrays or tables nested too deeply", hint="a domain key needs a few levels at most") from None

@@ -22,23 +22,18 @@ import logging
 import os
 import random
 import re
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import torch
 
+from ipltool import tomlio
 from ipltool.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, sweep_stale_temps
+from ipltool.domain import NAME_PATTERN
 from ipltool.errors import UsageError
 
-__all__ = ["RunDir", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "capture_rng_state", "restore_rng_state"]
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+__all__ = ["RunDir", "capture_rng_state", "restore_rng_state"]
 
 try:
     import numpy as np
@@ -54,7 +49,7 @@ STATE_NAME = "state.pt"
 LOG_NAME = "log.jsonl"
 SAMPLES_NAME = "samples"
 
-_DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_DOMAIN_NAME = re.compile(NAME_PATTERN)
 
 # ---------------------------------------------------------------------------
 # RNG state
@@ -132,19 +127,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # Helpers for config and log
 
 
-def _toml_ready(value: Any) -> Any:
-    """Drop None (TOML has no null) from tables and arrays, recursively; paths become strings."""
-    if isinstance(value, dict):
-        return {str(k): _toml_ready(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_toml_ready(v) for v in value if v is not None]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
 def _config_bytes(config: dict) -> bytes:
-    return tomli_w.dumps(_toml_ready(config)).encode("utf-8")
+    return tomlio.dumps(config).encode("utf-8")
 
 
 def _json_default(obj: Any) -> Any:
@@ -215,7 +199,7 @@ class RunDir:
 
         Args:
             root: parent folder (`runs/`); created if missing.
-            domain_name: the domain's name, as in domain files (`[A-Za-z0-9][A-Za-z0-9_.-]*`).
+            domain_name: the domain's name, as in domain files (`domain.NAME_PATTERN`).
             config: the resolved config as a plain dict; None values are dropped
                 (recursively, in arrays too) since TOML has no null.
             now: timestamp for the name; default the local time now.
@@ -326,10 +310,10 @@ class RunDir:
         """
         try:
             with open(self.config_path, "rb") as f:
-                return tomllib.load(f)
+                return tomlio.load(f)
         except FileNotFoundError:
             raise UsageError(f"not a run directory: {self._path} (no {CONFIG_NAME})") from None
-        except tomllib.TOMLDecodeError as e:
+        except tomlio.TOMLDecodeError as e:
             raise UsageError(f"{self.config_path}: invalid TOML: {e}") from None
         except RecursionError:  # tomllib recurses once per level of nesting
             raise UsageError(f"{self.config_path}: invalid TOML: arrays or tables nested too deeply") from None

@@ -15,7 +15,7 @@ import torch
 from ipltool.figures import grid_figure
 from ipltool.images import png_bytes, to_pil
 from ipltool.models.stylegan2 import Generator
-from ipltool.train.run import atomic_write_bytes
+from ipltool.atomic import atomic_write_bytes
 
 MEAN_LATENT_SAMPLES = 4096
 #: Samples side by side at most; more wrap into further source/adapted row pairs.

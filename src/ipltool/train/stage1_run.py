@@ -19,7 +19,8 @@ from ipltool.errors import Interrupted, UsageError
 from ipltool.interrupt import StopRequest
 from ipltool.precision import FP32, Precision
 from ipltool.train.guard import StepGuard
-from ipltool.train.run import RunDir, atomic_torch_save, capture_rng_state, restore_rng_state
+from ipltool.atomic import atomic_torch_save
+from ipltool.train.run import RunDir, capture_rng_state, restore_rng_state
 from ipltool.train.setup import Models, mapper_checkpoint, new_mapper
 from ipltool.train.stage1 import stage1_step, stage1_targets
 from ipltool.train.text import TextFeatures

@@ -23,7 +23,8 @@ from ipltool.interrupt import StopRequest
 from ipltool.models.stylegan2 import generator_checkpoint
 from ipltool.precision import FP32, Precision
 from ipltool.train.guard import StepGuard
-from ipltool.train.run import RunDir, atomic_torch_save, capture_rng_state, restore_rng_state
+from ipltool.atomic import atomic_torch_save
+from ipltool.train.run import RunDir, capture_rng_state, restore_rng_state
 from ipltool.train.samples import SampleGrid
 from ipltool.train.setup import Models
 from ipltool.train.stage2 import Stage2State, check_layer_k, clip_terms, stage2_step, start_stage2, style_image_direction
