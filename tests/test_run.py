@@ -267,3 +267,37 @@ def test_rng_capture_is_weights_only_loadable(tmp_path):
     assert loaded["python"][0] == random.getstate()[0] and len(loaded["python"][1]) == 625
     assert loaded["numpy"]["key"].shape == (624,)
     assert os.listdir(tmp_path) == ["rng.pt"]
+
+
+def test_run_info_round_trips_and_read_returns_the_domain(tmp_path):
+    from ipltool.domain import load_domain
+    from ipltool.errors import DomainError
+    from ipltool.train.run import RunDir, RunInfo, finished_runs
+
+    domain = load_domain("disney").resolved()
+    info = RunInfo(stage="adapt", smoke=True, device="cpu", precision="bf16", save_every=7, mapper_from="m.pt")
+    run = RunDir.create(tmp_path, domain.name, {**domain.to_toml_dict(), "run": info.table()})
+    read_domain, read_info = RunDir.open(run.path).read()
+    assert read_domain == domain and read_info == info
+    assert finished_runs("disney", tmp_path) == []  # no generator.pt yet
+    run.generator_path.write_bytes(b"")
+    assert finished_runs("disney", tmp_path) == [(run.path, info)]
+    assert finished_runs("werewolf", tmp_path) == []
+
+    # A config from before a key existed reads with that key's old default.
+    config = run.read_config()
+    del config["run"]["precision"]
+    run.write_config(config)
+    assert run.read_info().precision == "fp32"
+
+    config["run"]["save_every"] = "often"
+    run.write_config(config)
+    with pytest.raises(UsageError, match=r"config.toml: invalid \[run\] table"):
+        run.read_info()
+    assert finished_runs("disney", tmp_path) == []  # an unreadable run is left out
+
+    config["run"]["save_every"] = 7
+    config["adapt"]["steps"] = -1
+    run.write_config(config)
+    with pytest.raises(DomainError, match="not a valid run config"):
+        run.read()

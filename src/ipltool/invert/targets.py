@@ -2,7 +2,7 @@
 
 `--generator` takes a run directory (the `generator.pt` of `ipl adapt`) or a checkpoint
 file; `--domain NAME` takes the newest finished adapt run of that domain under the runs
-folder. With `--smoke`, a domain without a smoke run gets a random tiny stand-in, so the
+folder (`train.run.finished_runs`). With `--smoke`, a domain without a smoke run gets a random tiny stand-in, so the
 plumbing can be checked before anything was trained.
 """
 
@@ -18,7 +18,7 @@ import torch
 from ipltool import console
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.models.stylegan2 import Generator, build_generator, load_generator
-from ipltool.train.run import GENERATOR_NAME, RunDir
+from ipltool.train.run import GENERATOR_NAME, RunDir, finished_runs
 
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -37,26 +37,6 @@ def _run_config(path: Path) -> dict:
         return RunDir.open(path).read_config()
     except UsageError:
         return {}
-
-
-def finished_runs(domain: str, runs_root: Path) -> list[tuple[Path, bool]]:
-    """Every finished adapt run of `domain` under `runs_root`, newest first, as `(folder, smoke)`.
-
-    Run folders are named `<domain>-<YYYYmmdd-HHMMSS>[-N]`, so the name sorts by time;
-    a run counts once it has its `generator.pt`.
-    """
-    pattern = re.compile(rf"^{re.escape(domain)}-\d{{8}}-\d{{6}}(-\d+)?$")
-    if not runs_root.is_dir():
-        return []
-    candidates = sorted((p for p in runs_root.iterdir() if p.is_dir() and pattern.match(p.name)), reverse=True)
-    found = []
-    for path in candidates:
-        if not (path / GENERATOR_NAME).is_file():
-            continue  # still training, or interrupted before the end
-        run_table = _run_config(path).get("run", {})
-        if run_table.get("stage") == "adapt":
-            found.append((path, bool(run_table.get("smoke"))))
-    return found
 
 
 def _label_from(path: Path) -> str:
@@ -127,9 +107,9 @@ def plan_targets(generators: list[Path], domains: list[str], runs_root: Path, sm
         specs.append(TargetSpec(_unique(_label_from(spec), taken), _generator_file(spec), str(spec)))
     for domain in domains:
         runs = finished_runs(domain, runs_root)
-        run = next((path for path, is_smoke in runs if is_smoke == smoke), None)
+        run = next((path for path, info in runs if info.smoke == smoke), None)
         # The runs of the other kind were passed over: say so, or the user wonders where they went.
-        others = [path for path, is_smoke in runs if is_smoke != smoke]
+        others = [path for path, info in runs if info.smoke != smoke]
         if run is not None:
             specs.append(TargetSpec(_unique(domain, taken), run / GENERATOR_NAME, str(run)))
         elif smoke:

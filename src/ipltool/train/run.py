@@ -30,10 +30,12 @@ import torch
 
 from ipltool import tomlio
 from ipltool.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, sweep_stale_temps
-from ipltool.domain import NAME_PATTERN
-from ipltool.errors import UsageError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["RunDir", "capture_rng_state", "restore_rng_state"]
+from ipltool.domain import NAME_PATTERN, Domain
+from ipltool.errors import DomainError, UsageError
+
+__all__ = ["RunDir", "RunInfo", "capture_rng_state", "finished_runs", "restore_rng_state"]
 
 try:
     import numpy as np
@@ -157,6 +159,56 @@ def _parse_record(line: bytes) -> dict | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+# ---------------------------------------------------------------------------
+# The [run] table
+
+
+class RunInfo(BaseModel):
+    """How a run was made: the `[run]` table of its config.toml, beside the resolved domain.
+
+    Reading is lenient (unknown keys are ignored, missing ones take the defaults of runs
+    made before they existed), so every run ever written can be opened; `stage` is None
+    for a config without a `[run]` table.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    stage: str | None = None  # "mapper" (train-mapper) or "adapt"
+    smoke: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"  # runs made before --precision existed are fp32
+    save_every: int = 50
+    mapper_from: str | None = None  # adapt --mapper: where stage 1 came from
+
+    def table(self) -> dict[str, Any]:
+        """The `[run]` table as written to config.toml (None values left out)."""
+        return self.model_dump(exclude_none=True)
+
+
+def finished_runs(domain: str, runs_root: str | os.PathLike) -> list[tuple[Path, RunInfo]]:
+    """Every finished adapt run of `domain` under `runs_root`, newest first, with its `RunInfo`.
+
+    Run folders are named `<domain>-<YYYYmmdd-HHMMSS>[-N]` (`RunDir.create`), so the name
+    sorts by time; a run counts once it has its `generator.pt` and its `[run] stage` is
+    "adapt". Runs whose config cannot be read are left out.
+    """
+    pattern = re.compile(rf"^{re.escape(domain)}-\d{{8}}-\d{{6}}(-\d+)?$")
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted((p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)), reverse=True):
+        if not (path / GENERATOR_NAME).is_file():
+            continue  # still training, or interrupted before the end
+        try:
+            info = RunDir.open(path).read_info()
+        except UsageError:
+            continue
+        if info.stage == "adapt":
+            found.append((path, info))
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -321,6 +373,41 @@ class RunDir:
     def write_config(self, config: dict) -> None:
         """Replace `config.toml` atomically (used when a resumed run is extended)."""
         atomic_write_bytes(self.config_path, _config_bytes(config))
+
+    def read_info(self) -> RunInfo:
+        """The `[run]` table of `config.toml`, without validating the domain.
+
+        Raises:
+            UsageError: the config is missing, not TOML, or its `[run]` table is malformed.
+        """
+        table = self.read_config().get("run", {})
+        try:
+            return RunInfo.model_validate(table if isinstance(table, dict) else {"stage": table})
+        except ValidationError as err:
+            raise UsageError(f"{self.config_path}: invalid [run] table ({err.errors()[0]['msg']})") from None
+
+    def read(self) -> tuple[Domain, RunInfo]:
+        """The resolved domain and the `RunInfo` stored in `config.toml`.
+
+        Raises:
+            UsageError: the config cannot be read (see `read_info`).
+            DomainError: the rest of it is not a valid domain; the message names the file,
+                and `reason` holds pydantic's first message.
+        """
+        config = self.read_config()
+        info = self.read_info()
+        config.pop("run", None)
+        try:
+            return Domain.model_validate(config), info
+        except ValidationError as err:
+            reason = err.errors()[0]["msg"]
+            error = DomainError(f"{self.config_path}: not a valid run config ({reason})")
+            error.reason = reason
+            raise error from None
+
+    def write(self, domain: Domain, info: RunInfo) -> None:
+        """Replace `config.toml` with `domain` and `info` (a resumed run that is extended)."""
+        self.write_config({**domain.to_toml_dict(), "run": info.table()})
 
     # -- step log ------------------------------------------------------------
 
