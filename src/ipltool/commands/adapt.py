@@ -84,7 +84,7 @@ def adapt(
     # The training stack imports torch: loaded here, so `ipl adapt --help` stays instant.
     from ipltool.domain import load_domain
     from ipltool.train.guard import check_memory
-    from ipltool.train.run import RunDir
+    from ipltool.train.run import RunDir, RunInfo
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models, load_mapper
     from ipltool.train.stage1_run import run_stage1
     from ipltool.train.stage2 import check_layer_k
@@ -103,7 +103,8 @@ def adapt(
     }
     if resume is not None:
         given = {"--domain": domain, "--mapper": mapper_path, "--clip": clip or None, "--set": sets or None}
-        run, resolved, run_table, smoke, precision = continue_run(resume, "adapt", "adapt.steps", given, named, smoke, precision, steps)
+        run, resolved, info, precision = continue_run(resume, "adapt", "adapt.steps", given, named, smoke, precision, steps)
+        smoke = info.smoke
     else:
         if domain is None:
             raise UsageError("missing --domain", hint="e.g. ipl adapt --domain disney --smoke (see ipl prompts list)")
@@ -128,11 +129,12 @@ def adapt(
         mapper, ckpt = load_mapper(ckpt_source, device)
         _check_mapper(ckpt, resolved, models, ckpt_source)
     if run is None:
-        run_table = {"stage": "adapt", "smoke": smoke, "device": str(device), "save_every": save_every, "precision": run_precision.name}
-        if ckpt_source is not None:
-            run_table["mapper_from"] = str(ckpt_source)
+        info = RunInfo(
+            stage="adapt", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name,
+            mapper_from=str(ckpt_source) if ckpt_source is not None else None,
+        )
         with write_failures(out, "--out", "then run the same command again"):
-            run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": run_table})
+            run = RunDir.create(out, resolved.name, {**resolved.to_toml_dict(), "run": info.table()})
             if ckpt_source is not None:
                 shutil.copyfile(ckpt_source, run.mapper_path)  # the run dir stays self-contained
     console.info(f"run directory: {console.escape(run.path)}")
@@ -148,12 +150,12 @@ def adapt(
                 with step_progress(resolved.mapper.steps, "stage 1: mapper") as update1:
                     run_stage1(
                         resolved, models, run, on_step=update1, precision=run_precision, stop=stop,
-                        save_every=int(run_table.get("save_every", save_every)), command="adapt",
+                        save_every=info.save_every, command="adapt",
                     )
                 mapper, _ = load_mapper(run.mapper_path, device)
         with step_progress(resolved.adapt.steps, f"stage 2: {resolved.adapt.method}") as update2:
             result = run_stage2(
-                resolved, models, run, mapper, save_every=int(run_table.get("save_every", save_every)), on_step=update2, stop=stop,
+                resolved, models, run, mapper, save_every=info.save_every, on_step=update2, stop=stop,
                 precision=run_precision,
             )
 

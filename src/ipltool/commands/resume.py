@@ -5,19 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipltool.errors import DomainError, UsageError
+from ipltool.errors import UsageError
 from ipltool.outdir import check_output_folder
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
-    from ipltool.train.run import RunDir
+    from ipltool.train.run import RunDir, RunInfo
 
 #: The `[run] stage` each training command writes, and the command that continues it.
 COMMANDS = {"adapt": "adapt", "mapper": "train-mapper"}
 
 
-def domain_of_run(run: RunDir, stage: str) -> tuple[Domain, dict]:
-    """The resolved domain and the `[run]` table stored in a run's config.toml.
+def domain_of_run(run: RunDir, stage: str) -> tuple[Domain, RunInfo]:
+    """The resolved domain and the `RunInfo` stored in a run's config.toml, checked to be of `stage`.
 
     Args:
         stage: the stage the resuming command continues ("adapt" or "mapper").
@@ -26,26 +26,17 @@ def domain_of_run(run: RunDir, stage: str) -> tuple[Domain, dict]:
         UsageError: the run was made by another command (the hint says how to use it instead).
         DomainError: its config.toml is not a valid domain.
     """
-    from pydantic import ValidationError
-
-    from ipltool.domain import Domain
-
-    config = run.read_config()
-    run_table = config.pop("run", {})
-    found = run_table.get("stage")
+    found = run.read_info().stage
     if found != stage:
         what = {"adapt": "an adapt run", "mapper": "a train-mapper run"}
         if stage == "adapt" and found == "mapper":
-            hint = f"to adapt with its mapper: ipl adapt --domain {config.get('name', 'NAME')} --mapper {run.path}"
+            hint = f"to adapt with its mapper: ipl adapt --domain {run.read_config().get('name', 'NAME')} --mapper {run.path}"
         elif found in COMMANDS:
             hint = f"continue it with: ipl {COMMANDS[found]} --resume {run.path}"
         else:
             hint = None
         raise UsageError(f"{run.path} is a {found or 'unknown'!r} run, not {what[stage]}", hint=hint)
-    try:
-        return Domain.model_validate(config), run_table
-    except ValidationError as err:
-        raise DomainError(f"{run.config_path}: not a valid run config ({err.errors()[0]['msg']})") from None
+    return run.read()
 
 
 def refuse_changes(flags: dict[str, Any], smoke: bool) -> None:
@@ -62,25 +53,25 @@ def refuse_changes(flags: dict[str, Any], smoke: bool) -> None:
         )
 
 
-def stored_precision(run: RunDir, run_table: dict, precision: str | None) -> str:
+def stored_precision(run: RunDir, info: RunInfo, precision: str | None) -> str:
     """The run's own precision; an explicit `--precision` must agree with it.
 
     Raises:
         UsageError: `--precision` names another one.
     """
-    stored = run_table.get("precision", "fp32")  # runs made before --precision existed are fp32
+    stored = info.precision
     if precision is not None and precision != stored:
         raise UsageError(f"{run.path} runs in {stored}; --resume cannot switch it to {precision}", hint=f"drop --precision to continue in {stored}")
     return stored
 
 
-def extend_steps(run: RunDir, resolved: Domain, run_table: dict, key: str, steps: int | None) -> Domain:
+def extend_steps(run: RunDir, resolved: Domain, info: RunInfo, key: str, steps: int | None) -> Domain:
     """Apply `--steps` of a resumed run to `key` ("adapt.steps" or "mapper.steps") and store it in config.toml."""
     section, leaf = key.split(".")
     if steps is None or steps == getattr(getattr(resolved, section), leaf):
         return resolved
     resolved = resolved.with_overrides({key: steps}, flags={key: "--steps"})
-    run.write_config({**resolved.to_toml_dict(), "run": run_table})
+    run.write(resolved, info)
     return resolved
 
 
@@ -88,7 +79,7 @@ def extend_steps(run: RunDir, resolved: Domain, run_table: dict, key: str, steps
 def continue_run(
     path: Path, stage: str, steps_key: str, given: dict[str, Any], named: dict[str, tuple[str, Any]], smoke: bool, precision: str | None,
     steps: int | None,
-) -> tuple[RunDir, Domain, dict, bool, str]:
+) -> tuple[RunDir, Domain, RunInfo, str]:
     """Open the run `--resume PATH` continues, with its own settings.
 
     Args:
@@ -99,18 +90,18 @@ def continue_run(
         smoke, precision, steps: the flags as given.
 
     Returns:
-        (run, resolved domain, `[run]` table, the run's smoke flag, the run's precision).
+        (run, resolved domain, the run's `RunInfo` (its smoke flag, save_every, ...), the run's precision).
 
     Raises:
         UsageError: a setting flag was given, the run is another command's, it cannot be
             written to, or `--precision` differs from the run's.
     """
-    from ipltool.train.run import RunDir
+    from ipltool.train.run import RunDir, RunInfo
 
     refuse_changes({**given, **{flag: value for key, (flag, value) in named.items() if key != steps_key}}, smoke)
     run = RunDir.open(path)
     check_output_folder(run.path, "--resume")
-    resolved, run_table = domain_of_run(run, stage)
-    precision = stored_precision(run, run_table, precision)
-    resolved = extend_steps(run, resolved, run_table, steps_key, steps)
-    return run, resolved, run_table, bool(run_table.get("smoke")), precision
+    resolved, info = domain_of_run(run, stage)
+    precision = stored_precision(run, info, precision)
+    resolved = extend_steps(run, resolved, info, steps_key, steps)
+    return run, resolved, info, precision

@@ -45,7 +45,7 @@ def train_mapper(
     # The training stack imports torch: loaded here, so `ipl train-mapper --help` stays instant.
     from ipltool.domain import load_domain
     from ipltool.train.guard import check_memory
-    from ipltool.train.run import RunDir
+    from ipltool.train.run import RunDir, RunInfo
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
     from ipltool.train.stage1_run import run_stage1
 
@@ -58,7 +58,8 @@ def train_mapper(
     }
     if resume is not None:
         given = {"--domain": domain, "--clip": clip or None, "--set": sets or None}
-        run, resolved, run_table, smoke, precision = continue_run(resume, "mapper", "mapper.steps", given, named, smoke, precision, steps)
+        run, resolved, info, precision = continue_run(resume, "mapper", "mapper.steps", given, named, smoke, precision, steps)
+        smoke = info.smoke
     else:
         if domain is None:
             raise UsageError("missing --domain", hint="e.g. ipl train-mapper --domain disney --smoke (see ipl prompts list)")
@@ -73,8 +74,8 @@ def train_mapper(
     models = build_models(resolved, device, smoke=smoke)
     check_memory(resolved, models.source, device, ("mapper",), command="train-mapper")
     if run is None:
-        run_table = {"stage": "mapper", "smoke": smoke, "device": str(device), "save_every": save_every, "precision": run_precision.name}
-        config = {**resolved.resolved().to_toml_dict(), "run": run_table}
+        info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name)
+        config = {**resolved.resolved().to_toml_dict(), "run": info.table()}
         with write_failures(out, "--out", "then run the same command again"):
             run = RunDir.create(out, resolved.name, config)
     console.info(f"run directory: {console.escape(run.path)}")
@@ -84,7 +85,7 @@ def train_mapper(
     with guard, graceful_stop() as stop, step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
         result = run_stage1(
             resolved, models, run, chunk=chunk, on_step=update, precision=run_precision, stop=stop,
-            save_every=int(run_table.get("save_every", save_every)),
+            save_every=info.save_every,
         )
     if console.wants_json(json_output):
         console.print_json(

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from pydantic import ValidationError
 
 from ipltool import hub
 from ipltool.atomic import atomic_write_text
 from ipltool.domain import Domain, load_domain
-from ipltool.errors import UsageError
+from ipltool.errors import DomainError, UsageError
 from ipltool.images import UnreadableImage, find_images, load_rgb
 from ipltool.models.stylegan2 import Generator, load_generator
 from ipltool.train.run import GENERATOR_NAME, RunDir
@@ -188,23 +187,22 @@ def resolve_input(spec: Path, domain_name: str | None, report_dir: Path) -> Eval
     if spec.is_dir() and (spec / "config.toml").is_file():
         run = RunDir.open(spec)
         try:
-            config = run.read_config()
+            info = run.read_info()
         except UsageError as err:
             raise NotEvaluable(spec, f"a run whose config cannot be read ({err.message})") from None
-        run_table = config.pop("run", {})
-        stage = run_table.get("stage")
+        stage = info.stage
         if stage != "adapt":
             what = "a train-mapper run" if stage == "mapper" else f"a {stage or 'unknown'!r} run, not an adapt run"
             raise NotEvaluable(spec, f"{what} (no {GENERATOR_NAME})", hint="pass `ipl adapt` run folders")
         if not run.generator_path.is_file():
             raise NotEvaluable(spec, f"an unfinished adapt run (no {GENERATOR_NAME})", hint=f"finish it with `ipl adapt --resume {spec}`")
         try:
-            domain = Domain.model_validate(config)
-        except ValidationError as err:
-            raise NotEvaluable(spec, f"a run whose config.toml is not a valid domain ({err.errors()[0]['msg']})") from None
+            domain, _ = run.read()
+        except DomainError as err:
+            raise NotEvaluable(spec, f"a run whose config.toml is not a valid domain ({err.reason})") from None
         return EvalInput(
             _method_label(domain), spec.name, domain, "run", spec, spec / "eval-cache",
-            _file_fingerprint(run.generator_path), smoke=bool(run_table.get("smoke")),
+            _file_fingerprint(run.generator_path), smoke=info.smoke,
         )
     domain = load_domain(domain_name).resolved() if domain_name else None
     cache = report_dir / "cache"
