@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from ipltool import console, registry
-from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
+from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
 from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import CheckpointError, UsageError
@@ -53,7 +53,7 @@ def _check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> Non
 
 
 def adapt(
-    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    domain: Optional[str] = domain_option(),
     method: Optional[str] = typer.Option(None, help="ipl (default) or nada (StyleGAN-NADA baseline: one template direction, no mapper; its global term, loss.lambda_global, aims at the sentence \"a TARGET\" and its layer choice at the bare TARGET, as the original)."),
     mapper_path: Optional[Path] = typer.Option(None, "--mapper", help="Trained mapper.pt, or a train-mapper run dir; skips stage 1."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory (with --steps: extend it)."),
@@ -65,12 +65,12 @@ def adapt(
     sample_every: Optional[int] = typer.Option(None, help="Write a sample grid every N steps (adapt.sample_every)."),
     sample_size: Optional[int] = typer.Option(None, help="Edge of one sample in the grids, px; 256 by default (adapt.sample_size)."),
     style_images: Optional[Path] = typer.Option(None, help="NADA: folder of style images to aim at instead of the text."),
-    clip: Optional[list[str]] = typer.Option(None, "--clip", help=CLIP_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
-    save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
+    clip: Optional[list[str]] = clip_option(),
+    sets: Optional[list[str]] = set_option(),
+    out: Path = runs_option(),
+    save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
-    smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
+    smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:
     """Adapt the domain's generator to its target text and write runs/<domain>-<time>/generator.pt.

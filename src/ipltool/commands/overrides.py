@@ -9,7 +9,10 @@ validated again, so a bad value is reported with its key (`override: key 'adapt.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import typer
 
 from ipltool import tomlio
 from ipltool.errors import UsageError
@@ -20,6 +23,39 @@ if TYPE_CHECKING:
 
 SET_HELP = "Override any domain key, e.g. --set adapt.ema=0.995 or --set 'ctx_init=\"a picture of a\"' (repeatable)."
 CLIP_HELP = "CLIP model of the loss as MODEL[:PRETRAINED][=WEIGHT], e.g. ViT-B/16:openai=0.5; repeat for several (replaces the domain's list)."
+
+
+# The flags every training command shares, defined once (typer reads them as defaults).
+
+
+def domain_option():
+    """`--domain/-d NAME_OR_FILE`."""
+    return typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file.")
+
+
+def clip_option():
+    """`--clip MODEL[:TAG][=WEIGHT]`, repeatable."""
+    return typer.Option(None, "--clip", help=CLIP_HELP)
+
+
+def set_option():
+    """`--set KEY=VALUE`, repeatable."""
+    return typer.Option(None, "--set", help=SET_HELP)
+
+
+def runs_option():
+    """`--out`: the parent folder of new run directories."""
+    return typer.Option(Path("runs"), "--out", help="Parent directory of the run directory.")
+
+
+def save_every_option():
+    """`--save-every N`: steps between resume states."""
+    return typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it).")
+
+
+def smoke_option():
+    """`--smoke`: tiny random models."""
+    return typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds.")
 
 
 def parse_value(text: str) -> Any:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ipltool import console, registry
-from ipltool.commands.overrides import CLIP_HELP, SET_HELP, apply_flags
+from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
 from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
@@ -19,20 +19,20 @@ from ipltool.progress import step_progress
 
 
 def train_mapper(
-    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file."),
+    domain: Optional[str] = domain_option(),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted train-mapper run directory (with --steps: extend it)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (domain key mapper.steps)."),
     batch: Optional[int] = typer.Option(None, help="Latents per step (mapper.batch)."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate (mapper.lr)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (mapper.seed)."),
     kind: Optional[str] = typer.Option(None, "--mapper-kind", help="Mapper plugin (mapper.kind), e.g. mlp, transformer-v2."),
-    clip: Optional[list[str]] = typer.Option(None, "--clip", help=CLIP_HELP),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    out: Path = typer.Option(Path("runs"), "--out", help="Parent directory of the run directory."),
+    clip: Optional[list[str]] = clip_option(),
+    sets: Optional[list[str]] = set_option(),
+    out: Path = runs_option(),
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
-    save_every: int = typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it)."),
+    save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
-    smoke: bool = typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds."),
+    smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:
     """Train the IPL prompt mapper (stage 1) and write runs/<domain>-<time>/mapper.pt.
