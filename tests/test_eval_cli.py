@@ -60,7 +60,7 @@ def test_two_smoke_runs_make_a_complete_report(run_cli, smoke_runs, tmp_path):
 
 
 def test_features_are_cached_per_run(run_cli, smoke_runs, tmp_path, monkeypatch):
-    from ipltool.commands.eval import SAMPLE_COLUMNS
+    from ipltool.metrics.pipeline import SAMPLE_COLUMNS
     from ipltool.metrics import sampling
 
     rendered: list[tuple[int, int]] = []
@@ -190,3 +190,23 @@ def test_inputs_with_nothing_to_measure_are_skipped_and_the_rest_evaluated(run_c
     # Nothing left to measure: an error, after the skip lines.
     code, _, stderr = run_cli("eval", str(mapper_run.path), str(empty), "--report", str(tmp_path / "r2"))
     assert code == 2 and stderr.splitlines()[-2] == "error: nothing to evaluate: all 2 input(s) were skipped", stderr
+
+
+def test_the_eval_pipeline_is_a_library_call(smoke_runs, tmp_path):
+    # What `ipl eval` runs, callable from Python (scripts, the web UI) without the CLI.
+    import torch
+
+    from ipltool.metrics.evaluate import Settings
+    from ipltool.metrics.pipeline import evaluate_inputs
+
+    ipl_run = smoke_runs[0]
+    skips = []
+    outcome = evaluate_inputs(
+        [ipl_run, tmp_path / "missing"], Settings(metrics=["clip", "diversity"], n=4), tmp_path / "report", torch.device("cpu"),
+        on_skip=lambda entry, message: skips.append(message),
+    )
+    assert [r["path"] for r in outcome.results] == [str(ipl_run)]
+    assert outcome.results[0]["metrics"]["clip_score"] is not None
+    assert outcome.skipped == [{"path": str(tmp_path / "missing"), "reason": outcome.skipped[0]["reason"]}]
+    assert skips == [f"{tmp_path / 'missing'}: {outcome.skipped[0]['reason']}"]
+    assert not outcome.complete and outcome.report["index.html"].is_file()
