@@ -200,13 +200,14 @@ def test_the_eval_pipeline_is_a_library_call(smoke_runs, tmp_path):
     from ipltool.metrics.pipeline import evaluate_inputs
 
     ipl_run = smoke_runs[0]
+    (tmp_path / "empty").mkdir()  # nothing to measure: skipped, the rest evaluated
     skips = []
     outcome = evaluate_inputs(
-        [ipl_run, tmp_path / "missing"], Settings(metrics=["clip", "diversity"], n=4), tmp_path / "report", torch.device("cpu"),
+        [ipl_run, tmp_path / "empty"], Settings(metrics=["clip", "diversity"], n=4), tmp_path / "report", torch.device("cpu"),
         on_skip=lambda entry, message: skips.append(message),
     )
     assert [r["path"] for r in outcome.results] == [str(ipl_run)]
     assert outcome.results[0]["metrics"]["clip_score"] is not None
-    assert outcome.skipped == [{"path": str(tmp_path / "missing"), "reason": outcome.skipped[0]["reason"]}]
-    assert skips == [f"{tmp_path / 'missing'}: {outcome.skipped[0]['reason']}"]
+    assert outcome.skipped == [{"path": str(tmp_path / "empty"), "reason": outcome.skipped[0]["reason"]}]
+    assert skips == [f"{tmp_path / 'empty'}: {outcome.skipped[0]['reason']}"]
     assert not outcome.complete and outcome.report["index.html"].is_file()
