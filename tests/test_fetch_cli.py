@@ -10,7 +10,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ipltool import hub
+from ipltool import hub, paths
+from ipltool.models.stylegan2 import load_source_generator
 from test_nvlabs import nvlabs, tiny_pickle  # noqa: F401  (fixtures: a tiny NVlabs-style pickle)
 
 GOOD = os.urandom(50_000)
@@ -35,13 +36,12 @@ def served(tmp_path):
 
 
 @pytest.fixture
-def registry(monkeypatch, served):
-    """The real registry plus test entries whose files the local server holds."""
+def registry(served):
+    """The real registry plus test entries whose files the local server holds (removed afterwards)."""
     folder, base = served
     (folder / "known.bin").write_bytes(GOOD)
     (folder / "unknown.bin").write_bytes(GOOD[::-1])
     (folder / "packed.dat.bz2").write_bytes(bz2.compress(GOOD))
-    entries = dict(hub._registry())
     extra = {
         "test-known": dict(kind="metric", description="a file with a known hash", file="t/known.bin",
                            urls=[f"{base}/missing.bin", f"{base}/known.bin"], sha256=[hashlib.sha256(GOOD).hexdigest()],
@@ -55,9 +55,12 @@ def registry(monkeypatch, served):
                          arch=dict(size=32, style_dim=64, n_mlp=2, channel_multiplier=2, channel_max=32)),
     }
     for name, fields in extra.items():
-        entries[name] = hub.ModelEntry(name=name, **fields)
-    monkeypatch.setattr(hub, "_registry", lambda: entries)
-    return folder
+        hub.add_model(hub.ModelEntry(name=name, **fields))
+    try:
+        yield folder
+    finally:
+        for name in extra:
+            hub.remove_model(name)
 
 
 def test_list_works_offline_and_marks_tiny_always_available(run_cli):
@@ -79,19 +82,19 @@ def test_fetch_downloads_verifies_and_records_hashes(run_cli, registry, monkeypa
     states = {m["name"]: m for m in json.loads(out)["models"]}
     # Both verified: against the registry's hash, and against the hash this download recorded.
     assert states["test-known"]["verified"] is True and states["test-unknown"]["verified"] is True
-    assert (hub.cache_dir() / "t" / "known.bin").read_bytes() == GOOD  # the 404 mirror was skipped
-    recorded = json.loads((hub.cache_dir() / "checksums.json").read_text())
+    assert (paths.cache_dir() / "t" / "known.bin").read_bytes() == GOOD  # the 404 mirror was skipped
+    recorded = json.loads((paths.cache_dir() / "checksums.json").read_text())
     assert recorded["test-unknown"]["sha256"] == hashlib.sha256(GOOD[::-1]).hexdigest()
     # The hash recorded on first download is enforced on the next one.
     (registry / "unknown.bin").write_bytes(b"something else entirely")
     code, _, err = run_cli("fetch", "test-unknown", "--force")
     assert code == 1 and "sha256" in err and "Traceback" not in err
     assert "will download 1 file(s)" in err.replace("\n", " ")
-    assert (hub.cache_dir() / "t" / "unknown.bin").read_bytes() == GOOD[::-1]  # the good copy stays
-    (hub.cache_dir() / "t" / "unknown.bin").unlink()
+    assert (paths.cache_dir() / "t" / "unknown.bin").read_bytes() == GOOD[::-1]  # the good copy stays
+    (paths.cache_dir() / "t" / "unknown.bin").unlink()
     assert run_cli("fetch", "test-unknown")[0] == 1
-    assert not (hub.cache_dir() / "t" / "unknown.bin").exists()
-    assert not [p for p in (hub.cache_dir() / "t").iterdir() if p.name != "known.bin"]  # nothing half-written
+    assert not (paths.cache_dir() / "t" / "unknown.bin").exists()
+    assert not [p for p in (paths.cache_dir() / "t").iterdir() if p.name != "known.bin"]  # nothing half-written
 
 
 def test_verify_reports_a_damaged_file(run_cli, registry, monkeypatch):
@@ -99,7 +102,7 @@ def test_verify_reports_a_damaged_file(run_cli, registry, monkeypatch):
     assert run_cli("fetch", "test-known")[0] == 0
     code, out, _ = run_cli("fetch", "--verify")
     assert code == 0 and "test-known: yes" in out
-    (hub.cache_dir() / "t" / "known.bin").write_bytes(b"bit rot")
+    (paths.cache_dir() / "t" / "known.bin").write_bytes(b"bit rot")
     code, out, err = run_cli("fetch", "--verify", "test-known")
     assert code == 2 and "NO: sha256 mismatch" in out and "--force" in err
 
@@ -117,12 +120,12 @@ def test_import_checks_the_hash_then_copies_or_links(run_cli, registry, tmp_path
     wrong.write_bytes(b"not it")
     code, _, err = run_cli("fetch", "--import", "test-known", str(wrong))
     assert code == 1 and "is not test-known" in err and "nothing was copied" in err
-    assert not (hub.cache_dir() / "t" / "known.bin").exists()
+    assert not (paths.cache_dir() / "t" / "known.bin").exists()
     right = tmp_path / "right.bin"
     right.write_bytes(GOOD)
     code, out, err = run_cli("fetch", "--import", "test-known", str(right), "--link")
     assert code == 0 and "imported" in out, err
-    cached = hub.cache_dir() / "t" / "known.bin"
+    cached = paths.cache_dir() / "t" / "known.bin"
     assert cached.read_bytes() == GOOD and (os.path.samefile(cached, right))
     assert hub.status("test-known").verified is True
     code, out, _ = run_cli("fetch", "--import", "test-unknown", str(wrong))  # no known hash: taken as is
@@ -133,9 +136,9 @@ def test_import_converts_an_nvlabs_pickle(run_cli, registry, tiny_pickle):  # no
     pickle_path = tiny_pickle[0]
     code, out, err = run_cli("fetch", "--import", "test-gen", str(pickle_path))
     assert code == 0, err
-    generator = hub.load_generator_by_name("test-gen")
+    generator = load_source_generator("test-gen")
     assert generator.size == 32 and generator.style_dim == 64
-    recorded = json.loads((hub.cache_dir() / "checksums.json").read_text())
+    recorded = json.loads((paths.cache_dir() / "checksums.json").read_text())
     assert recorded["test-gen"]["source"] == "nvlabs-pickle"
     code, _, err = run_cli("fetch", "--import", "test-known", str(pickle_path), "--from-nvlabs")
     assert code == 2 and "holds a generator" in err
@@ -152,5 +155,5 @@ def test_compressed_downloads_are_verified_then_unpacked(run_cli, registry, monk
     monkeypatch.delenv("IPL_OFFLINE")
     code, _, err = run_cli("fetch", "test-bz2")
     assert code == 0, err
-    assert (hub.cache_dir() / "t" / "packed.dat").read_bytes() == GOOD
-    assert sorted(p.name for p in (hub.cache_dir() / "t").iterdir()) == ["packed.dat"]  # the archive is gone
+    assert (paths.cache_dir() / "t" / "packed.dat").read_bytes() == GOOD
+    assert sorted(p.name for p in (paths.cache_dir() / "t").iterdir()) == ["packed.dat"]  # the archive is gone

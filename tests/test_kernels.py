@@ -359,7 +359,7 @@ def test_kernels_build_and_clear_commands(run_cli, monkeypatch):
     target.path.mkdir(parents=True)
     target.library.write_bytes(b"12345")
     code, out, _ = run_cli("kernels", "clear")
-    assert code == 0 and "removed 5 B" in out and not target.path.exists()
+    assert code == 0 and "removed 5 bytes" in out and not target.path.exists()
     code, _, err = run_cli("kernels", "build", "--arch", " ")
     assert code == 2 and "--arch is empty" in err
 

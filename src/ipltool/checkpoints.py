@@ -16,15 +16,15 @@ through `read`, which:
 
 The validators below run on what `read` returns, before any module is built:
 `check_finite` (every floating tensor finite), `tensor_dict` (a state dict of tensors),
-`generator_config` / `check_generator_config` (a generator config's keys, types and
-ranges) and `check_generator_fits` (the config describes the weights in the file, so the
-module built from it is as large as the file and no larger), `mapper_args` (a mapper's
-constructor arguments), `check_shapes` (keys and shapes against a template), and
-`validate_state` (a resume `state.pt` against the live modules and optimizers).
+`check_number` (a config value's type and range), `mapper_args` (a mapper's constructor
+arguments), `check_shapes` (keys and shapes against a template), and `validate_state`
+(a resume `state.pt` against the live modules and optimizers). A generator's config is
+checked against `GENERATOR_LIMITS` and its weights by `ipltool.models.stylegan2`
+(`generator_config`, `check_generator_fits`).
 
 Ranges (`GENERATOR_LIMITS`, `MAPPER_LIMITS`) are those of the released models with a
-margin; the sources are given next to each value. torch is imported lazily, so command
-modules can import this one.
+margin; the sources are given next to each value. This module imports nothing of ipltool
+but `errors`, and torch only lazily, so command modules can import it.
 """
 
 from __future__ import annotations
@@ -320,7 +320,12 @@ def check_shapes(
         raise CheckpointError(f"{where} does not fit {target}: {'; '.join(parts)}")
 
 
-def _check_number(where: str, key: str, value: Any, kind: type, low: float, high: float, power_of_two: bool = False) -> None:
+def check_number(where: str, key: str, value: Any, kind: type, low: float, high: float, power_of_two: bool = False) -> None:
+    """Refuse a config value of the wrong type (bool, NaN, a string) or outside `low..high`.
+
+    Raises:
+        CheckpointError: `{where}: {key} ...`, saying which rule the value breaks.
+    """
     if kind is int:
         ok_type = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -331,74 +336,6 @@ def _check_number(where: str, key: str, value: Any, kind: type, low: float, high
         raise CheckpointError(f"{where}: {key} = {value} is outside the range real models use ({low:g}..{high:g})")
     if power_of_two and value & (value - 1):
         raise CheckpointError(f"{where}: {key} = {value} is not a power of two")
-
-
-def generator_config(raw: Any, where: str | os.PathLike):
-    """The `GeneratorConfig` stored in a checkpoint, validated before anything is built.
-
-    Unknown keys, wrong types (a string, a bool, NaN) and values outside
-    `GENERATOR_LIMITS` are refused; `size` must also be a power of two.
-
-    Args:
-        raw: the checkpoint's `config` entry.
-        where: the file, for messages.
-
-    Raises:
-        CheckpointError: one line naming the file and the field.
-    """
-    from ipltool.models.stylegan2 import GeneratorConfig
-
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: its generator config is a {type(raw).__name__}, not a table of settings")
-    unknown = sorted(map(str, set(raw) - set(GENERATOR_LIMITS)))
-    if unknown:
-        raise CheckpointError(
-            f"{where}: unknown key(s) in its generator config: {', '.join(unknown)}",
-            hint=f"known: {', '.join(GENERATOR_LIMITS)}",
-        )
-    if "size" not in raw:
-        raise CheckpointError(f"{where}: its generator config has no size")
-    for key, value in raw.items():
-        kind, low, high = GENERATOR_LIMITS[key]
-        _check_number(str(where), key, value, kind, low, high, power_of_two=key == "size")
-    try:
-        return GeneratorConfig(**raw)
-    except UsageError as err:
-        raise CheckpointError(f"{where}: {err.message}") from None
-
-
-def check_generator_config(config, where: str | os.PathLike) -> None:
-    """`generator_config` on a `GeneratorConfig` already built (inferred from weights, or given)."""
-    generator_config(config.to_dict(), where)
-
-
-def check_generator_fits(config, state: Mapping[str, torch.Tensor], where: str | os.PathLike) -> None:
-    """Refuse a config that does not describe the weights in `state`, before building it.
-
-    The architecture the tensors describe is read off their shapes
-    (`config_from_state_dict`); it must have the config's size, style width, mapping depth
-    and channels per resolution. The module built from the config then holds what the file
-    holds, and the file's tensors are bounded by its size, so nothing larger is allocated.
-
-    Raises:
-        CheckpointError: `{where} does not fit a Npx generator: ...`.
-    """
-    from ipltool.models.stylegan2 import config_from_state_dict
-
-    try:
-        found = config_from_state_dict(dict(state))
-    except (CheckpointError, UsageError) as err:
-        raise CheckpointError(f"{where} does not fit a {config.size}px generator: {err.message}") from None
-
-    def layout(c) -> tuple:
-        return c.size, c.style_dim, c.n_mlp, tuple(ch for res, ch in sorted(c.channels().items()) if res <= c.size)
-
-    if layout(found) != layout(config):
-        raise CheckpointError(
-            f"{where} does not fit a {config.size}px generator (style_dim {config.style_dim}, n_mlp {config.n_mlp}): "
-            f"its weights are those of a {found.size}px one (style_dim {found.style_dim}, n_mlp {found.n_mlp}, "
-            f"channels {list(layout(found)[3])})"
-        )
 
 
 def mapper_args(init_args: Any, where: str | os.PathLike) -> tuple[int, int, int, dict]:
@@ -420,7 +357,7 @@ def mapper_args(init_args: Any, where: str | os.PathLike) -> tuple[int, int, int
     for key, (low, high) in MAPPER_LIMITS.items():
         if key not in args:
             raise CheckpointError(f"{where}: init_args has no {key}")
-        _check_number(str(where), f"init_args {key}", args[key], int, low, high)
+        check_number(str(where), f"init_args {key}", args[key], int, low, high)
         sizes.append(args.pop(key))
     for key, value in args.items():
         if not isinstance(key, str) or not key.isidentifier():

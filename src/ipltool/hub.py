@@ -1,11 +1,12 @@
 """The model registry and the cache: what each pretrained file is, where it lives, how it is fetched.
 
-The registry is data (`data/models.toml`), read once per process. Files live in one
-cache dir (`$IPL_CACHE`, else the platform user cache dir). `ensure(name)` is how every
-command gets a file: from the cache, else announced and downloaded (`download.py`
-does the transfer), never when offline (`--offline`, `IPL_OFFLINE=1`). Hashes known in
-advance are enforced; where none is known the first download records one in the cache
-(`checksums.json`), and later downloads and `ipl fetch --verify` must match it.
+The registry is data (`data/models.toml`), read once per process; `add_model` adds
+entries. Files live in one cache dir (`paths.cache_dir()`: `$IPL_CACHE`, else the
+platform user cache dir). `ensure(name)` is how every command gets a file: from the
+cache, else announced and downloaded (`download.py` does the transfer), never when
+offline (`--offline`, `IPL_OFFLINE=1`). Hashes known in advance are enforced; where none
+is known the first download records one in the cache (`checksums.json`), and later
+downloads and `ipl fetch --verify` must match it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 from pydantic import BaseModel, ConfigDict, Field
+from rich.filesize import decimal
 
-from ipltool import console, progress
+from ipltool import console, paths, progress
 from ipltool.atomic import atomic_write_text
 from ipltool.download import ChecksumError, download, sha256_file
 from ipltool.errors import IplError, UnknownNameError, UsageError, unknown_name
@@ -54,14 +55,6 @@ class ModelEntry(BaseModel):
     needed_by: list[str] = Field(default_factory=list)
     decompress: str | None = None
 
-    def generator_config(self):
-        """The architecture (`GeneratorConfig`) of a `generator` entry."""
-        from ipltool.models.stylegan2 import GeneratorConfig  # torch is imported only when needed
-
-        if self.kind != "generator":
-            raise UnknownNameError(f"{self.name!r} is a {self.kind}, not a generator")
-        return GeneratorConfig(**self.arch)
-
 
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, ModelEntry]:
@@ -86,10 +79,26 @@ def get_model(name: str) -> ModelEntry:
         raise unknown_name("model", name, _registry(), hint="use a registry name or a path to a .pt file") from None
 
 
-def cache_dir() -> Path:
-    """Where pretrained files live: `$IPL_CACHE`, else the platform user cache dir."""
-    env = os.environ.get("IPL_CACHE")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("ipltool"))
+def add_model(entry: ModelEntry) -> None:
+    """Register `entry` for the rest of the process, beside those of `data/models.toml`.
+
+    Raises:
+        UsageError: the registry already has an entry of that name.
+    """
+    if entry.name in _registry():
+        raise UsageError(f"the model registry already has an entry named {entry.name!r}")
+    _registry()[entry.name] = entry
+
+
+def remove_model(name: str) -> ModelEntry:
+    """Take entry `name` out of the registry (undoes `add_model`); returns it.
+
+    Raises:
+        UnknownNameError: no such entry.
+    """
+    entry = get_model(name)
+    del _registry()[name]
+    return entry
 
 
 def local_path(name: str) -> Path:
@@ -97,37 +106,7 @@ def local_path(name: str) -> Path:
     entry = get_model(name)
     if entry.synthetic or not entry.file:
         raise UnknownNameError(f"{name!r} is synthetic and has no file")
-    return cache_dir() / entry.file
-
-
-def load_generator_by_name(spec: str, device="cpu", seed: int = 0):
-    """The source generator of a domain: `tiny`, a registry name, or a path to a `.pt` file.
-
-    Args:
-        spec: the domain's `generator` value.
-        device: where to put it.
-        seed: seed of the synthetic `tiny` generator.
-
-    Returns:
-        A frozen `Generator` in eval mode.
-
-    Raises:
-        UsageError: a registry file that is not in the cache (the message says where it
-            is expected), or a missing path.
-    """
-    from ipltool.models.stylegan2 import build_generator, load_generator
-
-    if spec in _registry() and _registry()[spec].synthetic:
-        # Non-zero noise strengths, like a trained model (see build_generator).
-        generator = build_generator(_registry()[spec].generator_config(), seed=seed, noise_strength=0.1)
-    elif spec in _registry():
-        generator = load_generator(ensure(spec), config=_registry()[spec].generator_config())
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise UsageError(f"generator checkpoint not found: {path}")
-        generator = load_generator(path)
-    return generator.to(device).eval().requires_grad_(False)
+    return paths.cache_dir() / entry.file
 
 
 # ----------------------------------------------------------------------------
@@ -142,7 +121,7 @@ def offline() -> bool:
 
 
 def _records_path() -> Path:
-    return cache_dir() / CHECKSUMS_NAME
+    return paths.cache_dir() / CHECKSUMS_NAME
 
 
 def _read_records() -> dict[str, dict]:
@@ -156,11 +135,19 @@ def _read_records() -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
-def _write_record(name: str, digest: str, path: Path, source: str) -> None:
+def record(name: str, digest: str, path: Path, how: str) -> None:
+    """Remember in `checksums.json` the sha256 of the cached file of `name` and how it got there.
+
+    Args:
+        name: the registry name.
+        digest: the file's sha256.
+        path: the cached file (its size and mtime are kept, so `status` knows when it changed).
+        how: "download", "import", "verify", or what a converter calls itself ("nvlabs-pickle").
+    """
     records = _read_records()
     stat = path.stat()
-    records[name] = {"sha256": digest, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "source": source}
-    cache_dir().mkdir(parents=True, exist_ok=True)
+    records[name] = {"sha256": digest, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "source": how}
+    paths.cache_dir().mkdir(parents=True, exist_ok=True)
     atomic_write_text(_records_path(), json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
@@ -207,19 +194,13 @@ def verify(name: str) -> CacheStatus:
     digest = sha256_file(current.path)
     hashes = known_hashes(entry)
     previous = _read_records().get(name, {})
-    _write_record(name, digest, current.path, previous.get("source", "verify"))
+    record(name, digest, current.path, previous.get("source", "verify"))
     return CacheStatus(entry, current.path, True, digest in hashes if hashes else None)
 
 
-def human_size(n: int | None) -> str:
-    """Bytes as '381.5 MB' (decimal units, as download sizes are usually given)."""
-    if n is None:
-        return "size unknown"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""  # pragma: no cover
+def _size(n: int | None) -> str:
+    """A registry size as '381.5 MB' (decimal units, as download sizes are usually given)."""
+    return "size unknown" if n is None else decimal(n)
 
 
 def missing_hint(name: str) -> str:
@@ -250,13 +231,13 @@ def ensure_all(names: list[str], force: bool = False) -> dict[str, Path]:
     """
     missing = [n for n in names if force or not local_path(n).is_file()]
     if missing and offline():
-        listed = ", ".join(f"{n} ({human_size(get_model(n).bytes)})" for n in missing)
+        listed = ", ".join(f"{n} ({_size(get_model(n).bytes)})" for n in missing)
         hint = missing_hint(missing[0]) if len(missing) == 1 else f"run `ipl fetch {' '.join(missing)}` where there is internet, or `ipl fetch --import NAME FILE` for each"
         raise UsageError(f"not in the cache, and downloads are off: {listed}", hint=hint)
     if missing:
         sizes = [get_model(n).bytes for n in missing]
-        total = human_size(sum(sizes)) if all(sizes) else "size partly unknown"
-        console.info(f"will download {len(missing)} file(s), {total}: " + ", ".join(f"{n} ({human_size(b)})" for n, b in zip(missing, sizes)))
+        total = _size(sum(sizes)) if all(sizes) else "size partly unknown"
+        console.info(f"will download {len(missing)} file(s), {total}: " + ", ".join(f"{n} ({_size(b)})" for n, b in zip(missing, sizes)))
     return {n: fetch(n, force=force) if n in missing else local_path(n) for n in names}
 
 
@@ -275,13 +256,13 @@ def fetch(name: str, force: bool = False) -> Path:
         raise UsageError(f"cannot download {name}: downloads are off (--offline or IPL_OFFLINE)", hint=missing_hint(name))
     if not entry.urls:
         raise UsageError(f"{name} has no download address", hint=f"get it by hand, then `ipl fetch --import {name} FILE`")
-    console.info(f"downloading {name} ({human_size(entry.bytes)}): {entry.description}")
+    console.info(f"downloading {name} ({_size(entry.bytes)}): {entry.description}")
     target = path.with_name(path.name + ".download") if entry.decompress else path
     with progress.track(entry.bytes, name, unit=progress.BYTES) as update:
         digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=update, name=name)
     if entry.decompress:
         _unpack(entry, target, path)
-    _write_record(name, digest if not entry.decompress else sha256_file(path), path, "download")
+    record(name, digest if not entry.decompress else sha256_file(path), path, "download")
     return path
 
 
@@ -303,11 +284,9 @@ def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
 TORCH_FORMATS = ("rosinality", "psp-checkpoint", "state-dict")
 
 
-def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: bool | None = None) -> Path:
+def import_file(name: str, file: str | os.PathLike, link: bool = False) -> Path:
     """Put a copy you already have into the cache: checked against the known hashes, then copied or linked.
 
-    An NVlabs network pickle (`nvlabs=True`, or None and a `.pkl` for a generator entry)
-    is converted instead (no code from it runs), and the result is recorded as imported.
     Where no hash is known, a `torch.save` file (a generator, or `TORCH_FORMATS`) must be
     readable weights-only and finite before it is copied.
 
@@ -324,20 +303,6 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
         raise UsageError(f"no such file: {source}")
     path = local_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if nvlabs is None:
-        nvlabs = source.suffix == ".pkl"
-    if nvlabs:
-        if entry.kind != "generator":
-            raise UsageError(f"an NVlabs pickle holds a generator, and {name} is a {entry.kind}")
-        from ipltool.nvlabs import import_nvlabs_generator
-
-        config = import_nvlabs_generator(source, path)
-        expected = entry.generator_config()
-        if (config.size, config.style_dim) != (expected.size, expected.style_dim):
-            path.unlink(missing_ok=True)
-            raise UsageError(f"{source} holds a {config.size} px generator; {name} is {expected.size} px")
-        _write_record(name, sha256_file(path), path, "nvlabs-pickle")
-        return path
     if entry.decompress and source.suffix != path.suffix:  # the archive as downloaded
         digest = sha256_file(source)
         if entry.sha256 and digest not in entry.sha256:
@@ -345,7 +310,7 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
         archive = path.with_name(path.name + ".download")
         shutil.copyfile(source, archive)
         _unpack(entry, archive, path)
-        _write_record(name, sha256_file(path), path, "import")
+        record(name, sha256_file(path), path, "import")
         return path
     digest = sha256_file(source)
     hashes = known_hashes(entry) if not entry.decompress else frozenset()
@@ -370,30 +335,21 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False, nvlabs: 
     else:
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
-    _write_record(name, digest, path, "import")
+    record(name, digest, path, "import")
     return path
 
 
-def domain_models(domain) -> list[str]:
-    """Registry names of every file a domain needs: its generator (unless synthetic or a path) and CLIP models."""
-    names = []
-    if domain.generator in _registry() and not _registry()[domain.generator].synthetic:
-        names.append(domain.generator)
-    for spec in domain.clip:
-        entry = clip_entry(spec.model, spec.pretrained)
-        if entry is not None and entry.name not in names:
-            names.append(entry.name)
-    return names
-
-
 def clip_entry(model: str, pretrained: str | None) -> ModelEntry | None:
-    """The registry entry holding OpenAI's weights for a CLIP architecture, if any."""
+    """The registry entry holding OpenAI's weights for a CLIP architecture, if any.
+
+    Args:
+        model: the architecture in open_clip's spelling ("ViT-B-32"; see
+            `ipltool.models.clip.normalize_model_name` for other spellings).
+        pretrained: the weights tag; only "openai" has registry entries.
+    """
     if pretrained != "openai":
         return None
-    from ipltool.models.clip import normalize_model_name
-
-    name = normalize_model_name(model)
     for entry in list_models("clip"):
-        if entry.arch.get("model") == name:
+        if entry.arch.get("model") == model:
             return entry
     return None

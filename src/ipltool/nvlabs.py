@@ -10,7 +10,9 @@ each to a harmless function of ours, and rebuilds every network as a `Persistent
 stored source is dropped unread.
 
 `convert_g_ema` then maps the stand-in `G_ema` to the rosinality state-dict layout of
-`ipltool.models.stylegan2.Generator`:
+`ipltool.models.stylegan2.Generator`; `import_nvlabs_generator` writes the result as a
+checkpoint, and `import_pickle` puts it into the cache under a registry name
+(`ipl fetch --import NAME FILE.pkl`):
 
 | NVlabs (`G_ema`)                          | ipltool / rosinality                          |
 |-------------------------------------------|-----------------------------------------------|
@@ -40,6 +42,7 @@ from __future__ import annotations
 import collections
 import io
 import math
+import os
 import pickle
 import re
 import struct
@@ -49,9 +52,11 @@ from typing import Any
 
 import torch
 
+from ipltool import hub
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.models.stylegan2 import BLUR_KERNEL, GeneratorConfig, build_from_state, generator_checkpoint, make_kernel
 from ipltool.atomic import atomic_torch_save
+from ipltool.download import sha256_file
 
 class UnsafePickleError(CheckpointError):
     """A pickle that asks for a global outside the allow-list (it could run code)."""
@@ -643,3 +648,37 @@ def import_nvlabs_generator(path: str | Path, out_path: str | Path) -> Generator
         extra["latent_avg"] = w_avg.detach().to(torch.float32).clone()
     atomic_torch_save(generator_checkpoint(generator, **extra), out_path)
     return config
+
+
+def import_pickle(name: str, file: str | os.PathLike) -> Path:
+    """Convert an NVlabs network pickle into the cache file of generator entry `name`, and record it.
+
+    No code from the pickle runs (`import_nvlabs_generator`). The converted generator must
+    have the entry's size and style width; its sha256 is recorded as coming from an
+    NVlabs pickle (`hub.record`).
+
+    Returns:
+        The cache path of `name`.
+
+    Raises:
+        UsageError: `name` is synthetic or not a generator, the file does not exist, or it
+            holds a generator of another size (nothing is left in the cache).
+        UnsafePickleError, CheckpointError: see `import_nvlabs_generator`.
+    """
+    entry = hub.get_model(name)
+    if entry.synthetic:
+        raise UsageError(f"{name} is synthetic: it needs no file")
+    source = Path(file).expanduser()
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
+    path = hub.local_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if entry.kind != "generator":
+        raise UsageError(f"an NVlabs pickle holds a generator, and {name} is a {entry.kind}")
+    config = import_nvlabs_generator(source, path)
+    expected = GeneratorConfig.of_entry(entry)
+    if (config.size, config.style_dim) != (expected.size, expected.style_dim):
+        path.unlink(missing_ok=True)
+        raise UsageError(f"{source} holds a {config.size} px generator; {name} is {expected.size} px")
+    hub.record(name, sha256_file(path), path, "nvlabs-pickle")
+    return path

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.filesize import decimal
 from rich.table import Table
 
-from ipltool import console
+from ipltool import console, paths
 from ipltool.errors import UsageError
 
 if TYPE_CHECKING:
@@ -49,14 +50,14 @@ def _list(json_output: bool) -> None:
 
     states = [hub.status(entry.name) for entry in hub.list_models()]
     if console.wants_json(json_output):
-        console.print_json({"cache_dir": str(hub.cache_dir()), "models": [_row(s) for s in states]})
+        console.print_json({"cache_dir": str(paths.cache_dir()), "models": [_row(s) for s in states]})
         return
-    table = Table(title=f"model registry (cache: {hub.cache_dir()})")
+    table = Table(title=f"model registry (cache: {paths.cache_dir()})")
     for column in ("name", "kind", "size", "cached", "verified", "needed by"):
         table.add_column(column)
     for s in states:
         cached = "always" if s.entry.synthetic else ("yes" if s.cached else "no")
-        size = "-" if s.entry.synthetic else hub.human_size(s.entry.bytes)
+        size = "-" if s.entry.synthetic else "size unknown" if s.entry.bytes is None else decimal(s.entry.bytes)
         table.add_row(s.entry.name, s.entry.kind, size, cached, _verified_text(s), ", ".join(s.entry.needed_by))
     console.out.print(table)
 
@@ -99,7 +100,7 @@ def fetch(
     Examples: ipl fetch --list   |   ipl fetch --domain disney   |   ipl fetch --import stylegan2-ffhq-1024 ffhq.pkl
     """
     # The registry (pydantic) and the downloader load here, so `ipl --help` stays instant.
-    from ipltool import hub
+    from ipltool import cache_import, hub
     from ipltool.domain import load_domain
 
     names = list(names or [])
@@ -114,23 +115,26 @@ def fetch(
         return
     if import_ is not None:
         name, file = import_
-        path = hub.import_file(name, file, link=link, nvlabs=from_nvlabs or None)
+        path = cache_import.import_file(name, file, link=link, nvlabs=from_nvlabs or None)
         state = hub.status(name)
         if console.wants_json(json_output):
             console.print_json({"models": [_row(state)]})
         else:
             console.out.print(f"{name}: imported to {console.escape(path)} ({_verified_text(state)})")
         return
-    for spec in domain or []:
-        names += [n for n in hub.domain_models(load_domain(spec)) if n not in names]
+    if domain:
+        from ipltool.models.clip import domain_models  # imports torch, so only for --domain
+
+        for spec in domain:
+            names += [n for n in domain_models(load_domain(spec)) if n not in names]
     if not names:
         raise UsageError("nothing to fetch", hint="name models (ipl fetch --list shows them) or a domain: ipl fetch --domain disney")
     entries = [hub.get_model(n) for n in names]  # unknown names fail before any download
-    paths = hub.ensure_all([e.name for e in entries if not e.synthetic], force=force)
+    files = hub.ensure_all([e.name for e in entries if not e.synthetic], force=force)
     states = [hub.status(e.name) for e in entries]
     if console.wants_json(json_output):
         console.print_json({"models": [_row(s) for s in states]})
     else:
         for entry in entries:
-            where = "built in, nothing to download" if entry.synthetic else paths[entry.name]
+            where = "built in, nothing to download" if entry.synthetic else files[entry.name]
             console.out.print(f"{entry.name}: {where}")

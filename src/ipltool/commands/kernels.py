@@ -6,6 +6,7 @@ import subprocess
 from typing import Optional
 
 import typer
+from rich.filesize import decimal
 
 from ipltool import console
 from ipltool.errors import UsageError
@@ -116,7 +117,5 @@ def build_command(
 @app.command("clear")
 def clear() -> None:
     """Delete every cached build of the kernels (they are compiled again on next use)."""
-    from ipltool import hub
-
     freed = build.clear_cache()
-    console.out.print(f"removed {hub.human_size(freed)} from {build.cache_root()}")
+    console.out.print(f"removed {decimal(freed)} from {build.cache_root()}")

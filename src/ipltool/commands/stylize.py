@@ -29,11 +29,12 @@ SMOKE_INPUT_SIZE = 64
 def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dict, device):
     """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with --smoke."""
     from ipltool import hub
+    from ipltool.models.stylegan2 import load_source_generator
 
     plugin = registry.load("encoders", name)  # checked against registry.EncoderLoader
     if smoke:
         tiny = registry.optional_method("encoders", name, plugin, "tiny", "--smoke")
-        source = hub.load_generator_by_name("tiny", device=device)
+        source = load_source_generator("tiny", device=device)
         return tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
     if weights is None:
         default = getattr(plugin, "default_weights", None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Iterator
 
+from ipltool import paths
 from ipltool.errors import IplError
 
 NAME = "ipl_kernels"
@@ -65,9 +66,7 @@ class BuildTarget:
 
 def cache_root() -> Path:
     """`<IPL_CACHE>/kernels`: every build of the kernels, one folder per key."""
-    from ipltool import hub
-
-    return hub.cache_dir() / "kernels"
+    return paths.cache_dir() / "kernels"
 
 
 def find_cuda_home() -> Path | None:

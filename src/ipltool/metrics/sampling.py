@@ -18,12 +18,11 @@ from typing import Iterator
 
 import torch
 
-from ipltool import hub
 from ipltool.atomic import atomic_write_text
 from ipltool.domain import Domain, load_domain
 from ipltool.errors import DomainError, UsageError
 from ipltool.images import UnreadableImage, find_images, load_rgb
-from ipltool.models.stylegan2 import Generator, load_generator
+from ipltool.models.stylegan2 import Generator, load_generator, load_source_generator
 from ipltool.train.run import GENERATOR_NAME, RunDir
 
 #: Samples used for the truncation centre (its own seeded stream, like the run samples).
@@ -109,7 +108,7 @@ class EvalInput:
             return
         generator_path = self.path / GENERATOR_NAME if self.kind == "run" else self.path
         self._target = load_generator(generator_path).to(device).eval().requires_grad_(False)
-        self._source = hub.load_generator_by_name(self.domain.generator, device=device)
+        self._source = load_source_generator(self.domain.generator, device=device)
         if (self._source.n_latent, self._source.style_dim) != (self._target.n_latent, self._target.style_dim):
             raise UsageError(f"{self.path}: the adapted generator does not match its source generator {self.domain.generator!r}")
 

@@ -16,12 +16,16 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
 from ipltool import checkpoints, hub
 from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError, did_you_mean
+
+if TYPE_CHECKING:
+    from ipltool.domain import Domain
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -69,6 +73,18 @@ def _fetch_hint(name: str) -> str:
     if entry is None:
         return "pass a local weights file (`ipl fetch --list` shows the weights it can download)"
     return f"run `ipl fetch {entry.name}` or pass a local weights file"
+
+
+def domain_models(domain: Domain) -> list[str]:
+    """Registry names of every file a domain needs: its generator (unless synthetic or a path) and CLIP models."""
+    names = []
+    if any(entry.name == domain.generator and not entry.synthetic for entry in hub.list_models()):
+        names.append(domain.generator)
+    for spec in domain.clip:
+        entry = hub.clip_entry(normalize_model_name(spec.model), spec.pretrained)
+        if entry is not None and entry.name not in names:
+            names.append(entry.name)
+    return names
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,22 +3,26 @@
 Module and parameter names match rosinality/stylegan2-pytorch, the layout that
 StyleGAN-NADA, e4e, pSp, ReStyle and IPL all read, so a `{"g_ema": ...}` checkpoint
 from any of them loads here with `strict=True`. The file reads bottom-up:
-primitives first, then `Generator`, then checkpoint helpers.
+primitives first, then `Generator`, then checkpoint helpers (config checks, loading,
+and the source generator of a domain from the model registry).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipltool.errors import CheckpointError, UsageError
+from ipltool import checkpoints, hub
+from ipltool.errors import CheckpointError, UnknownNameError, UsageError
 from ipltool.kernels.fused_act import FusedLeakyReLU
 from ipltool.kernels.upfirdn2d import upfirdn2d
 from ipltool.models.layers import EqualLinear, PixelNorm
@@ -80,6 +84,17 @@ class GeneratorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_entry(cls, entry: hub.ModelEntry) -> GeneratorConfig:
+        """The architecture of a `generator` entry of the model registry (its `arch` table).
+
+        Raises:
+            UnknownNameError: the entry is not a generator.
+        """
+        if entry.kind != "generator":
+            raise UnknownNameError(f"{entry.name!r} is a {entry.kind}, not a generator")
+        return cls(**entry.arch)
 
 
 def build_generator(config: GeneratorConfig, seed: int | None = None, noise_strength: float = 0.0) -> "Generator":
@@ -497,6 +512,70 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> GeneratorConfig:
     return GeneratorConfig(size, style_dim, n_mlp, multiplier, channel_max)
 
 
+def generator_config(raw: Any, where: str | os.PathLike) -> GeneratorConfig:
+    """The `GeneratorConfig` stored in a checkpoint, validated before anything is built.
+
+    Unknown keys, wrong types (a string, a bool, NaN) and values outside
+    `checkpoints.GENERATOR_LIMITS` are refused; `size` must also be a power of two.
+
+    Args:
+        raw: the checkpoint's `config` entry.
+        where: the file, for messages.
+
+    Raises:
+        CheckpointError: one line naming the file and the field.
+    """
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: its generator config is a {type(raw).__name__}, not a table of settings")
+    unknown = sorted(map(str, set(raw) - set(checkpoints.GENERATOR_LIMITS)))
+    if unknown:
+        raise CheckpointError(
+            f"{where}: unknown key(s) in its generator config: {', '.join(unknown)}",
+            hint=f"known: {', '.join(checkpoints.GENERATOR_LIMITS)}",
+        )
+    if "size" not in raw:
+        raise CheckpointError(f"{where}: its generator config has no size")
+    for key, value in raw.items():
+        kind, low, high = checkpoints.GENERATOR_LIMITS[key]
+        checkpoints.check_number(str(where), key, value, kind, low, high, power_of_two=key == "size")
+    try:
+        return GeneratorConfig(**raw)
+    except UsageError as err:
+        raise CheckpointError(f"{where}: {err.message}") from None
+
+
+def check_generator_config(config: GeneratorConfig, where: str | os.PathLike) -> None:
+    """`generator_config` on a `GeneratorConfig` already built (inferred from weights, or given)."""
+    generator_config(config.to_dict(), where)
+
+
+def check_generator_fits(config: GeneratorConfig, state: Mapping[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Refuse a config that does not describe the weights in `state`, before building it.
+
+    The architecture the tensors describe is read off their shapes
+    (`config_from_state_dict`); it must have the config's size, style width, mapping depth
+    and channels per resolution. The module built from the config then holds what the file
+    holds, and the file's tensors are bounded by its size, so nothing larger is allocated.
+
+    Raises:
+        CheckpointError: `{where} does not fit a Npx generator: ...`.
+    """
+    try:
+        found = config_from_state_dict(dict(state))
+    except (CheckpointError, UsageError) as err:
+        raise CheckpointError(f"{where} does not fit a {config.size}px generator: {err.message}") from None
+
+    def layout(c) -> tuple:
+        return c.size, c.style_dim, c.n_mlp, tuple(ch for res, ch in sorted(c.channels().items()) if res <= c.size)
+
+    if layout(found) != layout(config):
+        raise CheckpointError(
+            f"{where} does not fit a {config.size}px generator (style_dim {config.style_dim}, n_mlp {config.n_mlp}): "
+            f"its weights are those of a {found.size}px one (style_dim {found.style_dim}, n_mlp {found.n_mlp}, "
+            f"channels {list(layout(found)[3])})"
+        )
+
+
 def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig | None = None, map_location="cpu") -> Generator:
     """Load a generator checkpoint (`{"g_ema": state_dict, ...}`) with strict key matching.
 
@@ -505,7 +584,7 @@ def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig
             bounded sizes).
         key: which entry holds the generator (`g_ema` in every released file).
         config: the expected architecture; else the file's `config` entry (validated by
-            `checkpoints.generator_config`), else inferred from the weights.
+            `generator_config`), else inferred from the weights.
         map_location: where the generator goes.
 
     Returns:
@@ -516,8 +595,6 @@ def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig
             wrong types or values outside real models' ranges, non-finite weights, or
             weights that do not fit; checked before the generator is built.
     """
-    from ipltool import checkpoints
-
     path = Path(path)
     ckpt = checkpoints.read(path, "checkpoint")
     if key not in ckpt:
@@ -526,7 +603,7 @@ def load_generator(path: str | Path, key: str = "g_ema", config: GeneratorConfig
     state = checkpoints.tensor_dict(ckpt[key], what, "generator state dict")
     if config is None:
         if ckpt.get("config") is not None:
-            config = checkpoints.generator_config(ckpt["config"], path)
+            config = generator_config(ckpt["config"], path)
         else:
             try:
                 config = config_from_state_dict(state)
@@ -540,16 +617,14 @@ def build_from_state(config: GeneratorConfig, state: dict[str, torch.Tensor], wh
     """A `Generator` of `config` with `state` loaded strictly.
 
     Before anything is built, the config must be within real models' ranges and describe
-    the weights in `state` (`checkpoints.check_generator_fits`), so no config can make this
+    the weights in `state` (`check_generator_fits`), so no config can make this
     allocate more than the weights it is given.
 
     Raises:
         CheckpointError: one line naming `what` and the first mismatching keys.
     """
-    from ipltool import checkpoints
-
-    checkpoints.check_generator_config(config, what)
-    checkpoints.check_generator_fits(config, state, what)
+    check_generator_config(config, what)
+    check_generator_fits(config, state, what)
     generator = Generator.from_config(config)
     try:
         generator.load_state_dict(state, strict=True)
@@ -567,3 +642,35 @@ def generator_checkpoint(generator: Generator, **extra) -> dict:
     architecture without guessing.
     """
     return {"g_ema": generator.state_dict(), "config": generator.config.to_dict(), **extra}
+
+
+def load_source_generator(spec: str, device="cpu", seed: int = 0) -> Generator:
+    """The source generator of a domain: `tiny`, a registry name, or a path to a `.pt` file.
+
+    Args:
+        spec: the domain's `generator` value.
+        device: where to put it.
+        seed: seed of the synthetic `tiny` generator.
+
+    Returns:
+        A frozen `Generator` in eval mode.
+
+    Raises:
+        UsageError: a registry file that is not in the cache (the message says where it
+            is expected), or a missing path.
+    """
+    try:
+        entry = hub.get_model(spec)
+    except UnknownNameError:
+        entry = None
+    if entry is not None and entry.synthetic:
+        # Non-zero noise strengths, like a trained model (see build_generator).
+        generator = build_generator(GeneratorConfig.of_entry(entry), seed=seed, noise_strength=0.1)
+    elif entry is not None:
+        generator = load_generator(hub.ensure(spec), config=GeneratorConfig.of_entry(entry))
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"generator checkpoint not found: {path}")
+        generator = load_generator(path)
+    return generator.to(device).eval().requires_grad_(False)

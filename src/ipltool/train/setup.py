@@ -13,8 +13,8 @@ import torch
 from ipltool import hub, registry
 from ipltool.domain import CLIP_CONTEXT, Domain
 from ipltool.errors import CheckpointError, DomainError
-from ipltool.models.clip import Clip, PromptEncoder, check_model_name, load_clip
-from ipltool.models.stylegan2 import Generator
+from ipltool.models.clip import Clip, PromptEncoder, check_model_name, domain_models, load_clip
+from ipltool.models.stylegan2 import Generator, load_source_generator
 
 SMOKE_NOTE = "--smoke: tiny random models, a plumbing check; its pictures and losses mean nothing"
 
@@ -55,8 +55,8 @@ def build_models(domain: Domain, device: torch.device, smoke: bool = False) -> M
     for spec in domain.clip:
         check_model_name(spec.model, spec.pretrained)
     if not smoke:
-        hub.ensure_all(hub.domain_models(domain))
-    source = hub.load_generator_by_name("tiny" if smoke else domain.generator, device=device)
+        hub.ensure_all(domain_models(domain))
+    source = load_source_generator("tiny" if smoke else domain.generator, device=device)
     clips = []
     for index, spec in enumerate(domain.clip):
         if smoke:
