@@ -337,3 +337,13 @@ def test_stylize_smoke_says_real_runs_were_skipped(tmp_path, capsys):
             "(skipped 1 real run(s): --smoke renders with tiny random models only)"
         )
     ]
+
+
+def test_first_line_is_never_empty_and_takes_the_first_informative_line():
+    from ipltool.errors import first_line
+
+    assert first_line(RuntimeError("")) == "RuntimeError"
+    assert first_line(RuntimeError("\n\n  \n")) == "RuntimeError"
+    assert first_line(EOFError()) == "the file ends early (truncated)"
+    assert first_line(ValueError("\n  first\nsecond")) == "first"
+    assert first_line(ValueError("\x1b[31mred\x1b[0m")) == "red"

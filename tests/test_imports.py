@@ -146,10 +146,11 @@ def test_the_collector_sees_every_kind_of_import(tmp_path):
 #: import torch, sit above the registry and build from its entries).
 LOWER_LAYERS = {
     "ipltool.paths": set(),
+    "ipltool.tomlio": set(),
     "ipltool.checkpoints": {"ipltool.errors"},
     "ipltool.hub": {
         "ipltool.errors", "ipltool.console", "ipltool.progress", "ipltool.atomic",
-        "ipltool.download", "ipltool.paths", "ipltool.checkpoints",
+        "ipltool.download", "ipltool.paths", "ipltool.checkpoints", "ipltool.tomlio",
     },
 }
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ipltool.errors import CheckpointError, UsageError
+from ipltool.errors import CheckpointError, UsageError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,6 @@ _UNSAFE_HINT = (
     "ipltool reads weights only (tensors, dicts, numbers); do not open this file with pickle "
     "or torch.load(weights_only=False) unless you trust its source"
 )
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # ----------------------------------------------------------------------------
@@ -94,21 +93,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""  # pragma: no cover
-
-
-def first_line(err: BaseException) -> str:
-    """The first informative line of an exception: what a one-line error can show."""
-    text = _ANSI.sub("", str(err))
-    marker = "WeightsUnpickler error:"
-    if marker in text:  # torch's long weights-only message: keep the part that says what was refused
-        text = text.split(marker, 1)[1]
-        text = text.split(". Please", 1)[0]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if lines:
-        return lines[0][:300]
-    if isinstance(err, EOFError):
-        return "the file ends early (truncated)"
-    return type(err).__name__
 
 
 def check_file(path: str | os.PathLike, what: str = "checkpoint", hint: str | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -106,3 +107,25 @@ def unknown_name(
     choices = [str(c) for c in choices]
     listing = f"{label}: {', '.join(choices) or 'none'}"
     return error(f"unknown {what} {name!r}{did_you_mean(name, choices)}", hint=f"{listing}; {hint}" if hint else listing)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(err: BaseException) -> str:
+    """The first informative line of an exception: what a one-line error can show.
+
+    Never empty: an exception without a message gives its type's name. Colour codes are
+    dropped, and torch's long weights-only refusal is cut to what it refused.
+    """
+    text = _ANSI.sub("", str(err))
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # torch's long weights-only message: keep the part that says what was refused
+        text = text.split(marker, 1)[1]
+        text = text.split(". Please", 1)[0]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines:
+        return lines[0][:300]
+    if isinstance(err, EOFError):
+        return "the file ends early (truncated)"
+    return type(err).__name__

@@ -15,7 +15,6 @@ import bz2
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,15 +24,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from rich.filesize import decimal
 
-from ipltool import console, paths, progress
+from ipltool import console, paths, progress, tomlio
 from ipltool.atomic import atomic_write_text
 from ipltool.download import ChecksumError, download, sha256_file
 from ipltool.errors import IplError, UnknownNameError, UsageError, unknown_name
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class ModelEntry(BaseModel):
@@ -58,7 +53,7 @@ class ModelEntry(BaseModel):
 
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, ModelEntry]:
-    raw = tomllib.loads((resources.files("ipltool") / "data" / "models.toml").read_text(encoding="utf-8"))
+    raw = tomlio.loads((resources.files("ipltool") / "data" / "models.toml").read_text(encoding="utf-8"))
     return {name: ModelEntry(name=name, **fields) for name, fields in raw.items()}
 
 

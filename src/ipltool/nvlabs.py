@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from ipltool import hub
-from ipltool.errors import CheckpointError, UsageError
+from ipltool.errors import CheckpointError, UsageError, first_line
 from ipltool.models.stylegan2 import BLUR_KERNEL, GeneratorConfig, build_from_state, generator_checkpoint, make_kernel
 from ipltool.atomic import atomic_torch_save
 from ipltool.download import sha256_file
@@ -256,9 +256,9 @@ def _load_storage(data: Any) -> torch.storage.TypedStorage:
                 f"an embedded tensor record refers to {refused.group(1)}, which a tensor never needs",
                 hint=_UNSAFE_HINT,
             ) from None
-        raise CheckpointError(f"corrupt tensor record: {_first_line(err)}") from None
+        raise CheckpointError(f"corrupt tensor record: {first_line(err)}") from None
     except Exception as err:  # torch raises many types for damaged archives
-        raise CheckpointError(f"corrupt tensor record: {_first_line(err)}") from None
+        raise CheckpointError(f"corrupt tensor record: {first_line(err)}") from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise CheckpointError(f"storage record decoded to a {type(storage).__name__}")
     return storage
@@ -357,11 +357,6 @@ class _NVlabsUnpickler(pickle.Unpickler):
         raise CheckpointError(f"{self.source} uses persistent ids, which NVlabs network pickles do not")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # ----------------------------------------------------------------------------
 # Loading
 
@@ -392,7 +387,7 @@ def load_nvlabs_pickle(path: str | Path) -> dict:
     except RecursionError:
         raise CheckpointError(f"cannot read NVlabs pickle {path}: nested too deeply") from None
     except Exception as err:  # pickle raises many types for damaged input
-        raise CheckpointError(f"cannot read NVlabs pickle {path}: {_first_line(err)}") from None
+        raise CheckpointError(f"cannot read NVlabs pickle {path}: {first_line(err)}") from None
     if isinstance(data, tuple):
         raise CheckpointError(
             f"{path} holds a tuple, as TensorFlow-era StyleGAN2 pickles do, not a dict of networks",

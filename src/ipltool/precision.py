@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ContextManager
 
-from ipltool.errors import UsageError, did_you_mean
+from ipltool.errors import UsageError, did_you_mean, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ def _check_supported(name: str, device: torch.device) -> None:
         try:
             torch.autocast(device.type, dtype=getattr(torch, _DTYPE_NAMES[name]))
         except (RuntimeError, UserWarning) as err:
-            reason = str(err).splitlines()[0]
+            reason = first_line(err)
             raise UsageError(f"--precision {name} is not supported on {device.type}: {reason}", hint="use --precision fp32") from None
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ipltool import hub
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, first_line
 
 ENV_VAR = "IPL_DLIB_LANDMARKS"
 HUB_NAME = "dlib-68-landmarks"
@@ -125,7 +125,7 @@ def _load_predictor(path: str, mtime_ns: int, size: int):
     try:
         predictor = dlib.shape_predictor(path)
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise UsageError(
             f"cannot read {path} as a dlib shape predictor: {reason}",
             hint=f"use shape_predictor_68_face_landmarks.dat (`ipl fetch {HUB_NAME}`)",

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ipltool.atomic import atomic_torch_save
-from ipltool.errors import UsageError
+from ipltool.errors import UsageError, first_line
 from ipltool.images import UnreadableImage, load_rgb, to_pil, to_tensor
 from ipltool.invert.inputs import Photo
 from ipltool.invert.outputs import ERROR, NO_FACE, OK, UNREADABLE, ContactSheet, Layout, Manifest, encoded, png_bytes
@@ -181,7 +181,7 @@ class Stylizer:
             try:
                 codes, rendered = self._run_models(faces)
             except (RuntimeError, ValueError) as err:  # e.g. out of memory: this group only
-                message = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                message = f"{type(err).__name__}: {first_line(err)}"
                 for item in group:
                     if item.faces:
                         item.record.update(status=ERROR, error=message)

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Callable, Iterator
 
 from ipltool import paths
-from ipltool.errors import IplError
+from ipltool.errors import IplError, first_line
 
 NAME = "ipl_kernels"
 SOURCE_DIR = Path(__file__).with_name("csrc")
@@ -201,7 +201,7 @@ def _import(target: BuildTarget) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as err:  # an ImportError with undefined symbols, most often
         raise KernelBuildError(
-            f"the cached kernels in {target.path} do not load: {str(err).splitlines()[0]}",
+            f"the cached kernels in {target.path} do not load: {first_line(err)}",
             hint=f"remove them with `ipl kernels clear` and run again (see {TROUBLESHOOTING})",
         ) from None
     return module

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from ipltool import checkpoints, hub
-from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError, did_you_mean
+from ipltool.errors import CheckpointError, IplError, UnknownNameError, UsageError, did_you_mean, first_line
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
@@ -85,11 +85,6 @@ def domain_models(domain: Domain) -> list[str]:
         if entry is not None and entry.name not in names:
             names.append(entry.name)
     return names
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -183,7 +178,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
         try:
             return open_clip.create_model(name, device="cpu")
         except Exception as exc:
-            raise IplError(f"cannot load CLIP {name}: {_first_line(exc)}", hint=_fetch_hint(name)) from exc
+            raise IplError(f"cannot load CLIP {name}: {first_line(exc)}", hint=_fetch_hint(name)) from exc
 
     if pretrained is None:
         _check_known_model(name)
@@ -218,7 +213,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
             raise
         except Exception as exc:
             raise CheckpointError(
-                f"cannot load CLIP weights {path} into {name}: {checkpoints.first_line(exc)}",
+                f"cannot load CLIP weights {path} into {name}: {first_line(exc)}",
                 hint=f"check that the file holds weights of the {name} architecture",
             ) from exc
 
@@ -234,7 +229,7 @@ def _load_model(name: str, pretrained: str | None, seed: int) -> torch.nn.Module
     try:
         return open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=quick_gelu)
     except Exception as exc:
-        message = f"cannot get CLIP weights {name}/{pretrained}: {_first_line(exc)}"
+        message = f"cannot get CLIP weights {name}/{pretrained}: {first_line(exc)}"
         raise IplError(message, hint=_fetch_hint(name)) from exc
 
 
