@@ -8,7 +8,7 @@ from ipltool.domain import parse_domain
 from ipltool.models.clip import PromptEncoder, load_clip
 from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
 from ipltool.train import losses
-from ipltool.train.stage1 import draw_noise, encode_generated, stage1_loss, stage1_step, stage1_targets, train_mapper
+from ipltool.train.stage1 import encode_generated, stage1_loss, stage1_step, stage1_targets, train_mapper
 from ipltool.train.text import TextFeatures
 
 DOMAIN = """
@@ -54,7 +54,7 @@ def test_predrawn_noise_reproduces_random_noise_rendering(models):
         torch.manual_seed(7)
         want, _ = generator([z])
         torch.manual_seed(7)
-        noise = draw_noise(generator, 5, "cpu")
+        noise = generator.draw_noise(5)
         got = generator.synthesis(generator.to_w_plus([generator.mapping(z)]), noise)
         torch.testing.assert_close(got, want)
         # Chunked encoding equals one full batch.
@@ -143,7 +143,7 @@ def test_step_consumes_random_numbers_in_reference_order(models, domain):
 
     torch.manual_seed(11)
     z = torch.randn(4, TINY_CONFIG.style_dim)
-    noise = draw_noise(generator, 4, "cpu")
+    noise = generator.draw_noise(4)
     fresh = _mapper("mlp", prompts)
     w = generator.mapping(z)
     f_img = encode_generated(generator, w, clip, noise, chunk=4)

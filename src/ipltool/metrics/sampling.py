@@ -150,7 +150,7 @@ def _stack(pictures) -> torch.Tensor:
 
 
 def _mean_latent(source: Generator, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=source.input.input.device).manual_seed(seed + 10**6)
+    generator = torch.Generator(device=source.device).manual_seed(seed + 10**6)
     return source.mean_latent(MEAN_LATENT_SAMPLES, generator=generator)
 
 

@@ -368,6 +368,11 @@ class Generator(nn.Module):
             lr_mlp=config.lr_mlp,
         )
 
+    @property
+    def device(self) -> torch.device:
+        """Where the generator's weights are (that of its learned constant input)."""
+        return self.input.input.device
+
     # -- latents ---------------------------------------------------------------
 
     def mapping(self, z: torch.Tensor) -> torch.Tensor:
@@ -379,8 +384,7 @@ class Generator(nn.Module):
     @torch.no_grad()
     def mean_latent(self, n: int = 4096, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean of `n` mapped samples, shape (1, style_dim): the truncation centre."""
-        device = self.input.input.device
-        z = torch.randn(n, self.style_dim, device=device, generator=generator)
+        z = torch.randn(n, self.style_dim, device=self.device, generator=generator)
         return self.style(z).mean(0, keepdim=True)
 
     def noise_list(self, randomize: bool = True) -> list[torch.Tensor | None]:
@@ -388,6 +392,18 @@ class Generator(nn.Module):
         if randomize:
             return [None] * self.num_layers
         return [getattr(self.noises, f"noise_{i}") for i in range(self.num_layers)]
+
+    def draw_noise(self, batch: int) -> list[torch.Tensor]:
+        """Fresh per-layer noise for a whole batch, drawn in the order the layers draw it themselves.
+
+        Rendering in chunks with slices of these gives the same images (and consumes the
+        same random numbers) as one full-batch call with `noise_list(randomize=True)`.
+        """
+        noise = []
+        for layer in range(self.num_layers):
+            res = 2 ** ((layer + 5) // 2)
+            noise.append(torch.randn(batch, 1, res, res, device=self.device))
+        return noise
 
     def to_w_plus(self, styles: Sequence[torch.Tensor], inject_index: int | None = None) -> torch.Tensor:
         """Broadcast one w (B, D) or mix two of them into a W+ code (B, n_latent, D).

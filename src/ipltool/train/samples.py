@@ -48,7 +48,7 @@ class SampleGrid:
     def __init__(
         self, source: Generator, fixed_z: torch.Tensor, truncation: float, seed: int, chunk: int = 8, tile: int = 256, title: str = ""
     ):
-        device = source.input.input.device
+        device = source.device
         rng = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             self.mean_w = source.mean_latent(MEAN_LATENT_SAMPLES, generator=rng)

@@ -107,7 +107,7 @@ def new_mapper(domain: Domain, models: Models) -> torch.nn.Module:
     """A fresh mapper of the domain's kind, sized for its prompts and generator."""
     return registry.build_mapper(
         domain.mapper.kind, models.prompts.n_ctx, models.prompts.dim, models.source.style_dim, **domain.mapper.options
-    ).to(models.source.input.input.device)
+    ).to(models.source.device)
 
 
 def mapper_checkpoint(mapper: torch.nn.Module, domain: Domain, optimizer: torch.optim.Optimizer | None = None) -> dict:

@@ -53,19 +53,6 @@ def stage1_targets(text: TextFeatures, domain: Domain) -> Stage1Targets:
     )
 
 
-def draw_noise(generator: Generator, batch: int, device: torch.device | str) -> list[torch.Tensor]:
-    """Per-layer noise for a whole batch, drawn in the order the generator itself draws it.
-
-    Rendering in chunks with these slices gives the same images (and consumes the
-    same random numbers) as one full-batch call with `randomize_noise=True`.
-    """
-    noise = []
-    for layer in range(generator.num_layers):
-        res = 2 ** ((layer + 5) // 2)
-        noise.append(torch.randn(batch, 1, res, res, device=device))
-    return noise
-
-
 @torch.no_grad()
 def encode_generated(
     generator: Generator,
@@ -80,7 +67,7 @@ def encode_generated(
         generator: a frozen generator.
         w: (B, style_dim) latents (or (B, n_latent, style_dim) W+ codes).
         clip: the CLIP model.
-        noise: per-layer noise for the whole batch (see `draw_noise`); None for the
+        noise: per-layer noise for the whole batch (see `Generator.draw_noise`); None for the
             generator's constant noise buffers.
         chunk: images rendered at once; only their features are kept.
 
@@ -174,7 +161,7 @@ def stage1_step(
     mapper.train()
     with precision.autocast():
         P = mapper(w)
-        noise = draw_noise(generator, batch, device)
+        noise = generator.draw_noise(batch)
         image_features = encode_generated(generator, w, prompts.clip, noise, chunk)
     result = stage1_loss(P, prompts, image_features, targets, domain, precision)
     optimizer.zero_grad(set_to_none=True)

@@ -29,7 +29,6 @@ from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
 from ipltool.precision import FP32, Precision, backward_step
 from ipltool.train import losses
-from ipltool.train.stage1 import draw_noise
 from ipltool.train.text import TextFeatures
 
 # StyleGAN2's lazy-regularization ratio (g_reg_every = 4), which the reference keeps for Adam.
@@ -83,7 +82,7 @@ def style_image_direction(
     images use `generator` for their z and constant noise, so the training draws stay
     those of a text-guided run with the same seed.
     """
-    device = source.input.input.device
+    device = source.device
     style = torch.cat([losses.unit(clip.encode_image(x[None].to(device), antialias=True).float()) for x in style_images])
     z = torch.randn(STYLE_SOURCE_SAMPLES, source.style_dim, generator=generator, device=generator.device).to(device)
     generated = source.synthesis(source.to_w_plus([source.mapping(z)]), source.noise_list(randomize=False))
@@ -134,7 +133,7 @@ def choose_layers(
     Returns:
         The chosen W+ indices (see `Generator.layer_for_style_index`).
     """
-    device = source.input.input.device
+    device = source.device
     scaler = scaler if scaler is not None else precision.scaler()
     z = torch.randn(batch, source.style_dim, device=device)
     with torch.no_grad():
@@ -143,7 +142,7 @@ def choose_layers(
     optimizer = torch.optim.SGD([w], lr=LAYER_CHOICE_LR)
     for _ in range(iters):
         with precision.autocast():
-            images = trainable.synthesis(w, draw_noise(trainable, batch, device))
+            images = trainable.synthesis(w, trainable.draw_noise(batch))
         loss = sum(
             t.weight * losses.global_clip_loss(_features(t.clip, images, precision), t.target_label, t.clip.logit_scale)
             for t in terms
@@ -225,7 +224,7 @@ def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32)
     follow match it for the same seed. `precision` sets the autocast of every step and
     provides its loss scalers.
     """
-    device = source.input.input.device
+    device = source.device
     fixed_z = torch.randn(domain.adapt.n_sample, source.style_dim, device=device)
     trainable = copy.deepcopy(source).train()
     ema = copy.deepcopy(source).eval().requires_grad_(False)
@@ -266,7 +265,7 @@ def stage2_step(
     """
     cfg = domain.adapt
     precision = state.precision
-    device = source.input.input.device
+    device = source.device
     batch = cfg.batch
     zs = draw_latents(batch, source.style_dim, cfg.mixing, device)
     with torch.no_grad():
@@ -291,8 +290,8 @@ def stage2_step(
     w_plus = source.to_w_plus(ws)  # one crossover index, shared by G_s and G_t
     with precision.autocast():
         with torch.no_grad():
-            x_s = source.synthesis(w_plus, draw_noise(source, batch, device))
-        x_t = state.trainable.synthesis(w_plus, draw_noise(state.trainable, batch, device))
+            x_s = source.synthesis(w_plus, source.draw_noise(batch))
+        x_t = state.trainable.synthesis(w_plus, state.trainable.draw_noise(batch))
 
     loss = torch.zeros((), device=device)
     record: dict = {}

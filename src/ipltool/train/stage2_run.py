@@ -110,7 +110,7 @@ def _use_style_images(terms, models: Models, domain: Domain) -> None:
     """Point every CLIP term's NADA direction at the style images of `adapt.style_images`."""
     pictures = [to_tensor(load_rgb(path)) for path in find_images(domain.adapt.style_images)]
     for term in terms:
-        rng = torch.Generator(device=models.source.input.input.device).manual_seed(domain.adapt.seed)
+        rng = torch.Generator(device=models.source.device).manual_seed(domain.adapt.seed)
         term.nada_direction = style_image_direction(term.clip, models.source, pictures, rng)
 
 

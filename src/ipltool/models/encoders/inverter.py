@@ -360,7 +360,7 @@ class EncoderPlugin:
                 block.linear.bias.zero_()
             # With zero biases the codes are linear in the linear weights: one rescale sets their size.
             size = encoder(probe).abs().mean().clamp_min(1e-12)
-            rng = torch.Generator(device=decoder.input.input.device).manual_seed(seed)
+            rng = torch.Generator(device=decoder.device).manual_seed(seed)
             ws = decoder.mapping(torch.randn(4096, dim, device=rng.device, generator=rng))
             scale = TINY_SPREAD * ws.std(0).mean().cpu() / size
             for block in encoder.styles:
