@@ -141,8 +141,13 @@ class Adapt(_Strict):
         return self
 
     def layer_k(self, n_latent: int) -> int:
-        """`auto_layer_k`, or the reference default `int(2 * n_latent / 3)` (12 at 1024, 10 at 512)."""
-        return self.auto_layer_k if self.auto_layer_k is not None else int(2 * n_latent / 3)
+        """`auto_layer_k`, or the reference default (`default_layer_k`)."""
+        return self.auto_layer_k if self.auto_layer_k is not None else self.default_layer_k(n_latent)
+
+    @staticmethod
+    def default_layer_k(n_latent: int) -> int:
+        """The reference's layers per step: `int(2 * n_latent / 3)` (12 at 1024, 10 at 512)."""
+        return int(2 * n_latent / 3)
 
 
 class Domain(_Strict):
@@ -225,11 +230,11 @@ class Domain(_Strict):
     def n_latent(self) -> int | None:
         """W+ size of the domain's generator when it is a registry name (None for a file)."""
         from ipltool import hub
+        from ipltool.models.generator_config import GeneratorConfig
 
         if _is_generator_file(self.generator):
             return None
-        size = hub.get_model(self.generator).arch["size"]
-        return 2 * (size.bit_length() - 1) - 2
+        return GeneratorConfig.of_entry(hub.get_model(self.generator)).n_latent
 
     def resolved(self) -> "Domain":
         """A copy with derived defaults filled in (`adapt.auto_layer_k` from the generator size)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ipltool.domain import Domain
+from ipltool.domain import Adapt, Domain
 from ipltool.errors import UsageError
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
@@ -166,7 +166,7 @@ def check_layer_k(domain: Domain, generator: Generator) -> None:
     if domain.adapt.auto_layer_iters > 0 and domain.adapt.layer_k(n_latent) > n_latent:
         raise UsageError(
             f"adapt.auto_layer_k = {domain.adapt.layer_k(n_latent)} but the generator has only {n_latent} W+ layers",
-            hint=f"use --layers {int(2 * n_latent / 3)} (the reference default for this size)",
+            hint=f"use --layers {Adapt.default_layer_k(n_latent)} (the reference default for this size)",
         )
 
 
