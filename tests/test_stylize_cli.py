@@ -260,3 +260,39 @@ def test_restyle_encoders_and_quirk_flags(run_cli, photos, tmp_path):
     code, _, _ = run_cli("stylize", face, "--smoke", "--minmax", "--out", str(tmp_path / "mm"))
     picture = np.asarray(Image.open(tmp_path / "mm" / "reconstruction" / "astronaut.png"))
     assert code == 0 and picture.min() == 0 and picture.max() == 255
+
+
+def test_the_stylize_pipeline_is_a_library_call(tmp_path):
+    # What `ipl stylize` runs, callable from Python (scripts, the web UI) without the CLI.
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ipltool import registry
+    from ipltool.interrupt import StopRequest
+    from ipltool.invert.inputs import collect_photos
+    from ipltool.invert.pipeline import stylize_photos
+    from ipltool.invert.stylize import StylizeOptions
+    from ipltool.invert.targets import Target
+    from ipltool.models.stylegan2 import TINY_CONFIG, build_generator, load_source_generator
+
+    photos = tmp_path / "faces"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(photos / f"face{i}.png")
+    source = load_source_generator("tiny")
+    inverter = registry.load("encoders", "e4e").tiny(source, seed=0, input_size=64)
+    adapted = Target("adapted", build_generator(TINY_CONFIG, seed=5).eval(), "test")
+    progress, stop = [], StopRequest()
+
+    def on_progress(done, total, **counts):
+        progress.append((done, total, counts["ok"]))
+        stop.requested = True  # stop after the first group
+
+    options = StylizeOptions(align=False, batch=2)
+    result = stylize_photos(collect_photos([str(photos)]), tmp_path / "out", inverter, [adapted], options, torch.device("cpu"), on_progress=on_progress, stop=stop)
+    assert progress == [(2, 3, 2)] and result.stopped and result.failed == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "stylized" / "adapted").iterdir()) == ["face0.png", "face1.png"]
+
+    again = stylize_photos(collect_photos([str(photos)]), tmp_path / "out", inverter, [adapted], options, torch.device("cpu"), skip_existing=True)
+    assert len(again.kept) == 2 and again.todo == 1 and not again.stopped and again.stylizer.counts["ok"] == 1

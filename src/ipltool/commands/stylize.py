@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -10,17 +9,15 @@ import typer
 from rich.table import Table
 
 from ipltool import console, registry
-from ipltool.atomic import sweep_stale_temps
 from ipltool.devices import resolve_device
 from ipltool.errors import Interrupted, UsageError, did_you_mean
 from ipltool.interrupt import graceful_stop
-from ipltool.outdir import check_output_folder, exclusive, write_failures
+from ipltool.outdir import check_output_folder
 from ipltool.precision import Precision, precision_option
 from ipltool.progress import track
 
 if TYPE_CHECKING:
-    from ipltool.invert.outputs import Layout
-    from ipltool.invert.stylize import Stylizer
+    from ipltool.invert.pipeline import StylizeResult
 
 #: Encoder input size of the tiny random encoders of `--smoke`.
 SMOKE_INPUT_SIZE = 64
@@ -44,13 +41,6 @@ def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dic
     elif not weights.is_file():
         raise UsageError(f"no such encoder checkpoint: {weights}")
     return plugin.load(weights, device=device, **options)
-
-
-def _count_fields(counts) -> dict[str, int]:
-    """Photos per status, in the summary's order: the fields of a progress update."""
-    from ipltool.invert.outputs import ERROR, FINAL
-
-    return {status: counts[status] for status in (*FINAL, ERROR)}
 
 
 def stylize(
@@ -89,8 +79,8 @@ def stylize(
     """
     # The encoders and generators import torch: loaded here, so `ipl stylize --help` stays instant.
     from ipltool.invert.inputs import check_output_dir, collect_photos
-    from ipltool.invert.outputs import OK, Layout, Manifest, is_done
-    from ipltool.invert.stylize import StylizeOptions, Stylizer, groups
+    from ipltool.invert.pipeline import stylize_photos
+    from ipltool.invert.stylize import StylizeOptions
     from ipltool.invert.targets import load_targets, plan_targets
     from ipltool.train.setup import SMOKE_NOTE
 
@@ -129,64 +119,29 @@ def stylize(
     if not targets:
         console.info("[yellow]no --domain or --generator: writing aligned faces and reconstructions only[/]")
 
-    # One stylize at a time per --out: a second one would rewrite the manifest and the contact
-    # sheets of the first. Inside, a full disk or read-only folder ends the run with one line.
-    then = "then run the same command with --skip-existing to continue (the manifest lists the finished photos)"
-    with exclusive(out, "stylize", "--out"), write_failures(out, "--out", then):
-        sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
-        layout = Layout(out)
-        manifest = Manifest(layout)
-        labels = [t.label for t in targets]
-        earlier = manifest.read() if skip_existing else {}
-        kept, todo = [], []
-        for photo in photo_list:
-            record = earlier.get(str(photo.path))
-            if is_done(record, layout, labels, paste_back, save_latents):
-                kept.append(record)
-            else:
-                todo.append(photo)
-        manifest.start(kept)
-        stylizer = Stylizer(
-            inverter,
-            targets,
-            layout,
-            StylizeOptions(
-                all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
-                save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
-            ),
-            device,
-            detector,
+    options = StylizeOptions(
+        all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
+        save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
+    )
+    with graceful_stop() as stop, track(None, "stylize", unit="photo") as update:
+        result = stylize_photos(
+            photo_list, out, inverter, targets, options, device, detector, skip_existing,
+            on_progress=lambda done, total, **counts: update(done, total=total, **counts), stop=stop,
         )
-        if kept:
-            console.info(f"--skip-existing: {len(kept)} of {len(photo_list)} photos already done")
-
-        start = time.perf_counter()
-        stopped = False
-        with graceful_stop() as stop, track(len(todo), "stylize", unit="photo") as update:
-            done = 0
-            for group in groups(todo, stylizer.prepare, batch):
-                stylizer.process(group)
-                done += len(group)
-                update(done, **_count_fields(stylizer.counts))
-                if stop.requested:
-                    stopped = True
-                    break
-        sheets = stylizer.finish()
-    seconds = time.perf_counter() - start
-    _summary(stylizer, kept, len(photo_list), seconds, layout, sheets, json_output)
-    if stopped:
+    _summary(result, json_output)
+    if result.stopped:
         raise Interrupted(
-            f"stopped after {sum(stylizer.counts.values())} of {len(todo)} photos; the manifest records them",
+            f"stopped after {sum(result.stylizer.counts.values())} of {result.todo} photos; the manifest records them",
             hint="run the same command with --skip-existing to continue",
         )
-    failed = sum(n for status, n in stylizer.counts.items() if status != OK)
-    if failed:
+    if result.failed:
         raise typer.Exit(1)
 
 
-def _summary(stylizer: Stylizer, kept: list[dict], total: int, seconds: float, layout: Layout, sheets: list[str], json_output: bool) -> None:
+def _summary(result: StylizeResult, json_output: bool) -> None:
     from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE
 
+    stylizer, kept, total, seconds, layout, sheets = result.stylizer, result.kept, result.total, result.seconds, result.layout, result.sheets
     counts = stylizer.counts
     processed = sum(counts.values())
     rate = processed / seconds if seconds > 0 else 0.0

@@ -1,0 +1,110 @@
+"""The `ipl stylize` pipeline as a library call: photos in, stylized faces and a manifest out.
+
+`ipl stylize` checks its flags, loads the encoder, the targets and the face detector,
+and renders the `StylizeResult`; scripts and the web UI call `stylize_photos` with the
+same objects. One call per output folder at a time (an exclusive lock on it); a photo
+that fails is recorded in the manifest and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ipltool import console
+from ipltool.atomic import sweep_stale_temps
+from ipltool.interrupt import StopRequest
+from ipltool.invert.inputs import Photo
+from ipltool.invert.outputs import ERROR, FINAL, OK, Layout, Manifest, is_done
+from ipltool.invert.stylize import StylizeOptions, Stylizer, groups
+from ipltool.invert.targets import Target
+from ipltool.outdir import exclusive, write_failures
+
+THEN = "then run the same command with --skip-existing to continue (the manifest lists the finished photos)"
+
+
+@dataclass
+class StylizeResult:
+    """What a stylize call did: the stylizer (its counts and faces), what was kept, the contact sheets."""
+
+    stylizer: Stylizer
+    kept: list[dict]  # manifest records of photos done by an earlier run (--skip-existing)
+    total: int  # photos asked for
+    todo: int  # photos this call set out to process
+    seconds: float
+    layout: Layout
+    sheets: list[str]
+    stopped: bool  # a stop request ended the run between groups
+
+    @property
+    def failed(self) -> int:
+        """Photos that did not end "ok" (no face, unreadable, error)."""
+        return sum(n for status, n in self.stylizer.counts.items() if status != OK)
+
+
+def status_counts(stylizer: Stylizer) -> dict[str, int]:
+    """Photos per status, in the summary's order: the fields of a progress update."""
+    return {status: stylizer.counts[status] for status in (*FINAL, ERROR)}
+
+
+def stylize_photos(
+    photos: list[Photo],
+    out: Path,
+    inverter,
+    targets: list[Target],
+    options: StylizeOptions,
+    device,
+    detector=None,
+    skip_existing: bool = False,
+    on_progress: Callable[..., None] = lambda done, total, **counts: None,
+    stop: StopRequest | None = None,
+) -> StylizeResult:
+    """Align, invert and render every photo into `out`, batch by batch, writing the manifest as it goes.
+
+    Args:
+        photos: the photos (`invert.inputs.collect_photos`).
+        out: the output folder (checked by the caller with `invert.inputs.check_output_dir`).
+        inverter: the encoder (an `ipltool.encoders` plugin's inverter).
+        targets: the adapted generators (`invert.targets.load_targets`); none writes
+            aligned faces and reconstructions only.
+        options: faces, alignment, paste-back, latents, batch, precision.
+        detector: the face detector (None with `options.align` off).
+        skip_existing: keep the photos an earlier run's manifest lists as done.
+        on_progress: `on_progress(done, total, **status_counts)` after each group.
+        stop: when requested between groups, the call returns with `stopped` set.
+
+    Raises:
+        UsageError: another stylize holds `out`, or it cannot be written (the message
+            says how to continue).
+    """
+    with exclusive(out, "stylize", "--out"), write_failures(out, "--out", THEN):
+        sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
+        layout = Layout(out)
+        manifest = Manifest(layout)
+        labels = [t.label for t in targets]
+        earlier = manifest.read() if skip_existing else {}
+        kept, todo = [], []
+        for photo in photos:
+            record = earlier.get(str(photo.path))
+            if is_done(record, layout, labels, options.paste_back, options.save_latents):
+                kept.append(record)
+            else:
+                todo.append(photo)
+        manifest.start(kept)
+        stylizer = Stylizer(inverter, targets, layout, options, device, detector)
+        if kept:
+            console.info(f"--skip-existing: {len(kept)} of {len(photos)} photos already done")
+        start = time.perf_counter()
+        stopped = False
+        done = 0
+        for group in groups(todo, stylizer.prepare, options.batch):
+            stylizer.process(group)
+            done += len(group)
+            on_progress(done, len(todo), **status_counts(stylizer))
+            if stop is not None and stop.requested:
+                stopped = True
+                break
+        sheets = stylizer.finish()
+    return StylizeResult(stylizer, kept, len(photos), len(todo), time.perf_counter() - start, layout, sheets, stopped)
