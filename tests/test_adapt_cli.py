@@ -179,3 +179,38 @@ def test_resume_refuses_a_train_mapper_run(run_cli, tmp_path):
     run_dir = json.loads(out)["run_dir"]
     code, _, err = run_cli("--device", "cpu", "adapt", "--resume", run_dir)
     assert code == 2 and "not an adapt run" in err and f"--mapper {run_dir}" in err.replace("\n", "")
+
+
+def test_the_adapt_pipeline_is_a_library_call(tmp_path):
+    # What `ipl adapt` runs, callable from Python (scripts, the web UI) without the CLI.
+    from ipltool.domain import load_domain
+    from ipltool.interrupt import StopRequest
+    from ipltool.train.adapt import adapt
+    from ipltool.train.run import RunDir
+    from ipltool.train.setup import SMOKE_OVERRIDES
+
+    domain = load_domain("disney").with_overrides({**SMOKE_OVERRIDES, "adapt.steps": 2}).resolved()
+    stop, steps = StopRequest(), []
+
+    def stage_progress(total, description):
+        import contextlib
+
+        @contextlib.contextmanager
+        def watch():
+            def on_step(step, terms):
+                steps.append((description, step))
+                stop.requested = description.startswith("stage 2")  # stop after stage 2's first step
+            yield on_step
+
+        return watch()
+
+    from ipltool.errors import Interrupted
+
+    with pytest.raises(Interrupted, match="stopped at step 1 of 2; the state is saved"):
+        adapt(domain, tmp_path, smoke=True, stage_progress=stage_progress, stop=stop)
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert steps == [("stage 1: mapper", 1), ("stage 1: mapper", 2), ("stage 1: mapper", 3), ("stage 2: ipl", 1)]
+    run = RunDir.open(path)
+    resumed_domain, info = run.read()
+    done = adapt(resumed_domain, run=run, info=info, smoke=info.smoke, precision=info.precision)
+    assert done.run.path == path and done.run.generator_path.is_file() and done.stage2.resumed_from == 1
