@@ -385,7 +385,7 @@ def test_latent_avg_not_added_without_start_from_latent_avg(tmp_path, decoder, i
         (PSP, None, lambda c: c["state_dict"].pop("encoder.latlayer1.weight"), "missing \\(first: latlayer1.weight"),
         (E4E, None, lambda c: c["state_dict"].update({"encoder.extra.weight": torch.zeros(1)}), "unexpected \\(first: extra.weight"),
         (E4E, None, lambda c: c["state_dict"].pop("decoder.conv1.noise.weight"), "decoder"),
-        (E4E, None, lambda c: c["state_dict"].__setitem__("encoder.styles.0.linear.bias", torch.zeros(3)), "size mismatch"),
+        (E4E, None, lambda c: c["state_dict"].__setitem__("encoder.styles.0.linear.bias", torch.zeros(3)), r"wrong shape \(first: styles.0.linear.bias is \[3\], expected \[64\]\)"),
         (RESTYLE_PSP, None, lambda c: c.pop("latent_avg"), "no latent_avg, but ReStyle starts from it"),
         (E4E, None, lambda c: c.__setitem__("latent_avg", torch.zeros(3, 64)), "latent_avg has shape \\[3, 64\\]"),
         (E4E, None, lambda c: c.pop("opts"), "needs 'state_dict' and 'opts'"),

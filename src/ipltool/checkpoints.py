@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import re
 import stat
 import warnings
 import zipfile
@@ -302,6 +301,31 @@ def check_shapes(
             k = wrong[0]
             parts.append(f"{len(wrong)} wrong shape (first: {k} is {list(state[k].shape)}, expected {list(expected[k].shape)})")
         raise CheckpointError(f"{where} does not fit {target}: {'; '.join(parts)}")
+
+
+def load_strict(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str | os.PathLike, target: str,
+    hint: str | None = None, assign: bool = False,
+) -> None:
+    """`module.load_state_dict(state, strict=True)`, refused first with one line naming the mismatching keys.
+
+    Args:
+        where, target: the message reads `{where} does not fit {target}: ...` (see `check_shapes`).
+        hint: the error's hint.
+        assign: keep the given tensors as the parameters (a module built on the meta device).
+
+    Raises:
+        CheckpointError: missing, unexpected or wrongly shaped keys, or anything else
+            `load_state_dict` refuses.
+    """
+    try:
+        check_shapes(state, module.state_dict(), where, target)
+    except CheckpointError as err:
+        raise CheckpointError(err.message, hint=hint) from None
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where} does not fit {target}: {first_line(err)}", hint=hint) from None
 
 
 def check_number(where: str, key: str, value: Any, kind: type, low: float, high: float, power_of_two: bool = False) -> None:

@@ -199,16 +199,9 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     for k in own:
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = own[k]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-        raise CheckpointError(f"{path} is not {what}: " + "; ".join(parts), hint=f"give a {what} weights file")
-    module.load_state_dict(state, strict=True)
+    from ipltool import checkpoints
+
+    checkpoints.load_strict(module, state, path, f"a {what}", hint=f"give a {what} weights file")
 
 
 # ----------------------------------------------------------------------------

@@ -579,12 +579,7 @@ def build_from_state(config: GeneratorConfig, state: dict[str, torch.Tensor], wh
     check_generator_config(config, what)
     check_generator_fits(config, state, what)
     generator = Generator.from_config(config)
-    try:
-        generator.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        # torch lists every mismatching key; the first two lines say enough.
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise CheckpointError(f"{what} does not fit a {config.size}px generator: {detail[:300]}") from None
+    checkpoints.load_strict(generator, state, what, f"a {config.size}px generator")
     return generator
 
 

@@ -171,27 +171,6 @@ def encoder_arch(state: dict[str, torch.Tensor], what: str = "encoder") -> dict[
     }
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """`load_state_dict(strict=True, assign=True)` with a one-line CheckpointError on mismatch."""
-    expected = set(module.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {'; '.join(parts)}")
-    try:
-        # assign=True: the module was built on the meta device, so the file's tensors
-        # become the parameters without a second 1 GB copy or a random init.
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {detail[:300]}") from None
-
-
 def _latent_avg(ckpt: dict, path: Path, n_styles: int, style_dim: int) -> torch.Tensor:
     avg = ckpt["latent_avg"]
     if not isinstance(avg, torch.Tensor):
@@ -274,7 +253,9 @@ def read_checkpoint(path: str | Path, expected_type: str | None = None) -> Encod
             encoder = ENCODER_CLASSES[encoder_type](n_styles, style_dim, input_size, arch["backbone"])
     except UsageError as err:  # e.g. style blocks too short for any input size
         raise CheckpointError(f"{path} (encoder): {err.message}") from None
-    _load_strict(encoder, enc_state, f"{path} (encoder)")
+    # assign=True: the module was built on the meta device, so the file's tensors become
+    # the parameters without a second 1 GB copy or a random init.
+    checkpoints.load_strict(encoder, enc_state, f"{path} (encoder)", type(encoder).__name__, assign=True)
 
     try:
         config = config_from_state_dict(dec_state)
