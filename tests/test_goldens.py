@@ -20,7 +20,7 @@ import torch
 
 from ipltool import registry
 from ipltool.train import losses
-from ipltool.train.stage1 import stage1_step, stage1_targets
+from ipltool.train.stage1 import Stage1State, stage1_step, stage1_targets
 from ipltool.train.stage2 import clip_terms, stage2_step, start_stage2
 from ipltool.train.text import TextFeatures
 
@@ -129,7 +129,8 @@ def ipl_run(models):
     targets = stage1_targets(TextFeatures(clip), domain)
     optimizer = torch.optim.Adam(mapper.parameters(), lr=domain.mapper.lr)
     recorder = StepRecorder(optimizer, mapper)
-    stage1 = [stage1_step(mapper, optimizer, source, prompts, targets, domain, domain.mapper.batch) for _ in range(domain.mapper.steps)]
+    state = Stage1State(mapper, optimizer, targets)
+    stage1 = [stage1_step(state, source, prompts, domain) for _ in range(domain.mapper.steps)]
     for record, entry in zip(stage1, recorder.entries):
         record.update(entry)
     mapper_final = {name: fx.summary(p) for name, p in mapper.state_dict().items()}

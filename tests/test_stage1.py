@@ -8,7 +8,7 @@ from ipltool.domain import parse_domain
 from ipltool.models.clip import PromptEncoder, load_clip
 from ipltool.models.stylegan2 import TINY_CONFIG, build_generator
 from ipltool.train import losses
-from ipltool.train.stage1 import encode_generated, stage1_loss, stage1_step, stage1_targets, train_mapper
+from ipltool.train.stage1 import Stage1State, encode_generated, stage1_loss, stage1_step, stage1_targets, train_mapper
 from ipltool.train.text import TextFeatures
 
 DOMAIN = """
@@ -139,7 +139,7 @@ def test_step_consumes_random_numbers_in_reference_order(models, domain):
     optimizer = torch.optim.Adam(mapper.parameters(), lr=0.05)
     targets = stage1_targets(TextFeatures(clip), domain)
     torch.manual_seed(11)
-    terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, batch=4, chunk=3)
+    terms = stage1_step(Stage1State(mapper, optimizer, targets), generator, prompts, domain.with_overrides({"mapper.batch": 4}), chunk=3)
 
     torch.manual_seed(11)
     z = torch.randn(4, TINY_CONFIG.style_dim)

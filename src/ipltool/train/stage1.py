@@ -134,26 +134,38 @@ def stage1_loss(
     return Stage1Loss(total, terms)
 
 
-def stage1_step(
-    mapper: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: Generator,
-    prompts: PromptEncoder,
-    targets: Stage1Targets,
-    domain: Domain,
-    batch: int,
-    chunk: int = 8,
-    precision: Precision = FP32,
-    scaler: torch.amp.GradScaler | None = None,
-) -> dict[str, float]:
-    """One optimisation step of the mapper; returns the loss terms.
+@dataclass
+class Stage1State:
+    """Everything stage 1 updates or keeps fixed across its steps (as `Stage2State` for stage 2).
+
+    Attributes:
+        mapper: the mapper being trained.
+        optimizer: its Adam.
+        targets: the fixed text features (`stage1_targets`).
+        precision: autocast of the forward passes.
+        scaler: the loss scaler (None: `precision.scaler()`, enabled for fp16 only).
+        step: steps taken.
+    """
+
+    mapper: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    targets: Stage1Targets
+    precision: Precision = FP32
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+
+
+def stage1_step(state: Stage1State, generator: Generator, prompts: PromptEncoder, domain: Domain, chunk: int = 8) -> dict[str, float]:
+    """One optimisation step of the mapper on a batch of `domain.mapper.batch`; returns the loss terms.
 
     Random draws, in the reference's order: z (B, style_dim); the mapper's own
     randomness (dropout of transformer mappers); the per-layer image noise.
-    The mapper, the rendering and CLIP run under `precision`'s autocast (the mapping
+    The mapper, the rendering and CLIP run under the state's autocast (the mapping
     network stays float32: w is also the mapper's input); the backward pass and the
-    step go through `scaler` (None: `precision.scaler()`, enabled for fp16 only).
+    step go through the state's scaler. `chunk` images are rendered at once.
     """
+    mapper, optimizer, targets, precision = state.mapper, state.optimizer, state.targets, state.precision
+    batch = domain.mapper.batch
     device = next(mapper.parameters()).device
     z = torch.randn(batch, generator.style_dim, device=device)
     with torch.no_grad():
@@ -165,7 +177,8 @@ def stage1_step(
         image_features = encode_generated(generator, w, prompts.clip, noise, chunk)
     result = stage1_loss(P, prompts, image_features, targets, domain, precision)
     optimizer.zero_grad(set_to_none=True)
-    backward_step(result.total, optimizer, scaler if scaler is not None else precision.scaler())
+    backward_step(result.total, optimizer, state.scaler if state.scaler is not None else precision.scaler())
+    state.step += 1
     return result.terms
 
 
@@ -199,16 +212,16 @@ def train_mapper(
     Raises:
         NonFiniteError: a non-finite loss or mapper weight (see `ipltool.train.guard`).
     """
-    targets = stage1_targets(TextFeatures(prompts.clip), domain)
     optimizer = torch.optim.Adam(mapper.parameters(), lr=domain.mapper.lr)
     scaler = precision.scaler()
+    state = Stage1State(mapper, optimizer, stage1_targets(TextFeatures(prompts.clip), domain), precision, scaler)
     guard = StepGuard(
         "stage 1", lambda: list(mapper.parameters()), lr=domain.mapper.lr, reference_lr=Mapper.model_fields["lr"].default,
         precision=precision, scaler=scaler, inputs={"the source generator": generator, f"CLIP {prompts.clip.name}": prompts.clip.model},
     )
     for step in range(1, (steps or domain.mapper.steps) + 1):
         with guard.step(step):
-            terms = stage1_step(mapper, optimizer, generator, prompts, targets, domain, domain.mapper.batch, chunk, precision, scaler)
+            terms = stage1_step(state, generator, prompts, domain, chunk)
         guard.check(step, terms["loss"])
         if on_step is not None:
             on_step(step, terms)

@@ -22,7 +22,7 @@ from ipltool.train.guard import StepGuard
 from ipltool.atomic import atomic_torch_save
 from ipltool.train.run import RunDir, capture_rng_state, restore_rng_state
 from ipltool.train.setup import Models, mapper_checkpoint, new_mapper
-from ipltool.train.stage1 import stage1_step, stage1_targets
+from ipltool.train.stage1 import Stage1State, stage1_step, stage1_targets
 from ipltool.train.text import TextFeatures
 
 STAGE = "mapper"
@@ -125,6 +125,7 @@ def run_stage1(
         guard.saved_step = step
     run.truncate_log(step, stage=STAGE)  # steps logged after the saved state run again
     result = Stage1Result(last={}, resumed_from=step)
+    state = Stage1State(mapper, optimizer, targets, precision, scaler, step)
     while step < steps:
         if stop is not None and stop.requested:
             _save(run, step, mapper, optimizer, scaler)
@@ -134,7 +135,7 @@ def run_stage1(
             )
         started = time.perf_counter()
         with guard.step(step + 1):
-            terms = stage1_step(mapper, optimizer, models.source, models.prompts, targets, domain, domain.mapper.batch, chunk, precision, scaler)
+            terms = stage1_step(state, models.source, models.prompts, domain, chunk)
         step += 1
         guard.check(step, terms["loss"])  # before anything is logged or saved
         result.last = {"stage": STAGE, "step": step, **terms, "seconds": round(time.perf_counter() - started, 4)}
