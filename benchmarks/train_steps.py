@@ -1,4 +1,4 @@
-"""Time IPL training steps at the sizes of spec/IPL.md section 3 and record them in RESULTS.md.
+"""Time IPL training steps at the sizes of docs/method.md §3 and record them in RESULTS.md.
 
 Each case runs in a fresh subprocess so its peak memory is its own:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CASES = [("stage1", 64), ("stage1", 256), ("stage2", 64), ("stage2", 256)]
-# The authors' code on these machines (spec/IPL.md section 3); stage 1 at 256 was killed at 22.6 GB.
+# The authors' code on these machines (docs/method.md §3); stage 1 at 256 was killed at 22.6 GB.
 REFERENCE = {("stage1", 64): 27.4, ("stage2", 64): 11.0, ("stage2", 256): 52.1}
 DOMAIN = """
 name = "bench"

@@ -1,4 +1,4 @@
-"""Face landmarks, FFHQ alignment and paste-back (INVERSION.md §1-3, §8 c-e)."""
+"""Face landmarks, FFHQ alignment and paste-back (docs/inversion.md §1-3, §8 c-e)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image encoders: reference layout on the meta device (INVERSION.md §8), tiny checkpoints,
+"""Image encoders: reference layout on the meta device (docs/inversion.md §8), tiny checkpoints,
 the ReStyle loop, and the entry points."""
 
 from __future__ import annotations

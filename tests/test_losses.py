@@ -1,4 +1,4 @@
-"""Loss formulas of spec/IPL.md against independent hand computations (float64 loops)."""
+"""Loss formulas of docs/method.md against independent hand computations (float64 loops)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Metric networks and formulas of `ipl eval` (METRICS.md §11): tiny random networks, the real dlib model."""
+"""Metric networks and formulas of `ipl eval` (docs/metrics.md §11): tiny random networks, the real dlib model."""
 
 from __future__ import annotations
 

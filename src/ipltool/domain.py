@@ -1,7 +1,7 @@
 """Domain files: what to adapt to, and with which settings.
 
 A domain file is TOML validated by the pydantic models below; unknown keys are
-errors. Defaults are the reference hyper-parameters of IPL (see spec/IPL.md), so a
+errors. Defaults are the reference hyper-parameters of IPL (see docs/method.md), so a
 domain file only needs `name`, `source`, `target` and `generator`.
 
 Lookup of `--domain X` (first match wins):

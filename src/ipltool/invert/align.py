@@ -1,4 +1,4 @@
-"""FFHQ face alignment and its inverse, the paste-back (INVERSION.md §2-3).
+"""FFHQ face alignment and its inverse, the paste-back (docs/inversion.md §2-3).
 
 `align_face` reproduces the alignment of the FFHQ dataset script and of the pSp / e4e /
 ReStyle `align_faces` scripts step for step (their encoders expect exactly that crop).
@@ -108,7 +108,7 @@ def align_face(
 ) -> AlignResult:
     """Crop, rotate and scale a face the way FFHQ (and the FFHQ encoders) expect.
 
-    Steps (numbered as in INVERSION.md §2):
+    Steps (numbered as in docs/inversion.md §2):
       1-3. The face square `quad` (side `qsize`) from the eye and mouth-corner landmarks.
       4. Shrink: if the face is 4x or more larger than the output, Lanczos-downscale
          the photo by the integer factor `floor(qsize / output_size / 2)`.

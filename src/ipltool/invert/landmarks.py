@@ -1,4 +1,4 @@
-"""Face detection and 68-point landmarks with dlib (INVERSION.md §1).
+"""Face detection and 68-point landmarks with dlib (docs/inversion.md §1).
 
 dlib is an optional dependency (the `align` extra) and is imported on first use, so
 `import ipltool` works without it. The 68-point predictor is looked for in this order:

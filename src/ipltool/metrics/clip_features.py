@@ -1,4 +1,4 @@
-"""CLIP image and text embeddings for the CLIP score, directional CLIP score and CLIP diversity (METRICS.md §8-9).
+"""CLIP image and text embeddings for the CLIP score, directional CLIP score and CLIP diversity (docs/metrics.md §8-9).
 
 Weights come from the model cache (OpenAI's files, `clip-vit-b32`...) or a path; open_clip
 is never asked to download. Pictures go through `Clip.preprocess` (bicubic resize of the

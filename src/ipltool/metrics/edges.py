@@ -1,4 +1,4 @@
-"""Edge maps for the structural consistency score SCS (RSSA, CVPR 2022; METRICS.md §6).
+"""Edge maps for the structural consistency score SCS (RSSA, CVPR 2022; docs/metrics.md §6).
 
 `HED` is the holistically-nested edge detector (Xie & Tu 2015) with the module names of
 sniklaus/pytorch-hed (`netVggOne.0.weight` ... `netCombine.0.bias`), whose BSDS500 file

@@ -122,7 +122,7 @@ class Evaluator:
             raise MetricUnavailable(*self._unavailable[name])
         if name not in self._extractors:
             kind, settings = self._spec(name)
-            # Metric weights never download as a side effect (METRICS.md §10): without
+            # Metric weights never download as a side effect (docs/metrics.md §10): without
             # --allow-download a missing file is reported with its `ipl fetch` line.
             previous = console.options.offline
             console.options.offline = previous or not self.settings.allow_download
@@ -241,7 +241,7 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------
-# The metrics: what each needs and how it is computed (METRICS.md)
+# The metrics: what each needs and how it is computed (docs/metrics.md)
 #
 # Each function returns {output key: value}; a value may be a (value, reason) pair, e.g.
 # (None, "why it has no value"). Features come from `Evaluator.features`, cached.
@@ -367,7 +367,7 @@ class Metric:
     """One `ipl eval` metric: its report keys, its default sample count, and how it is computed."""
 
     keys: tuple[str, ...]  # shown even when the metric is skipped
-    default_n: int  # METRICS.md section 0; one `--n` overrides them all
+    default_n: int  # docs/metrics.md §0; one `--n` overrides them all
     compute: Callable[[Evaluator, EvalInput, int, Path, dict], dict]
 
 

@@ -1,4 +1,4 @@
-"""The metric formulas: pure functions from features to numbers (METRICS.md §1-9).
+"""The metric formulas: pure functions from features to numbers (docs/metrics.md §1-9).
 
 Inputs are tensors or arrays of features from `ipltool.metrics` extractors; everything is
 computed in float64. IS, FID and KID call torch-fidelity's own functions, so the numbers

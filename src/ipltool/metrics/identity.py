@@ -1,4 +1,4 @@
-"""Face embeddings for the identity similarity metric (METRICS.md §7).
+"""Face embeddings for the identity similarity metric (docs/metrics.md §7).
 
 Two backbones:
 

@@ -1,4 +1,4 @@
-"""Inception features for IS, FID and KID, computed by torch-fidelity (METRICS.md §1-4).
+"""Inception features for IS, FID and KID, computed by torch-fidelity (docs/metrics.md §1-4).
 
 The real network is torch-fidelity's `inception-v3-compat` (TF 2015-12-05 Inception-v3,
 299 px TF1-style bilinear resize, `(x - 128) / 128`), built with

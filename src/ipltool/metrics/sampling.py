@@ -1,6 +1,6 @@
 """What `ipl eval` measures: adapt runs, generator checkpoints or image folders, as image streams.
 
-A generator input renders **pairs** (METRICS.md §0): sample i uses z_i drawn from its own
+A generator input renders **pairs** (docs/metrics.md §0): sample i uses z_i drawn from its own
 seed `seed + i`, mapped by the source generator, truncated towards the source's mean w
 (ψ = 0.7 by default), and rendered by the source and the adapted generator with their
 constant noise. Per-sample seeds make the first n samples the same whatever N is, so

@@ -1,4 +1,4 @@
-"""Per-image Inception feature statistics for SIFID (SinGAN, ICCV 2019; METRICS.md §5).
+"""Per-image Inception feature statistics for SIFID (SinGAN, ICCV 2019; docs/metrics.md §5).
 
 The stem of torchvision's ImageNet Inception-v3 runs at the picture's native size (no
 resize, no `transform_input`), input `2 * x / 255 - 1`. Every location of the chosen

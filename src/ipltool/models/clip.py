@@ -4,7 +4,7 @@
 (an open_clip tag, a local file, or nothing for a seeded random init). `Clip` turns
 generator images in [-1, 1] into CLIP features without PIL, and `PromptEncoder` runs
 CLIP's text tower with learned context vectors in place of the context tokens
-(IPL.md section 0).
+(docs/method.md §0).
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ def _embed_dim(model: torch.nn.Module, image_size: int) -> int:
 
 
 class PromptEncoder:
-    """CLIP's text tower with learned context vectors (the E_P of IPL.md section 0).
+    """CLIP's text tower with learned context vectors (the E_P of docs/method.md §0).
 
     The prompt `ctx_init + " " + label` is tokenized to `[SOT, ctx..., label..., EOT, 0...]`;
     the `n_ctx` context token embeddings are replaced by the learned vectors `P_b`, and the

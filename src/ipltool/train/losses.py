@@ -1,4 +1,4 @@
-"""The loss terms of IPL (spec/IPL.md sections 1 and 2) and of the NADA baseline.
+"""The loss terms of IPL (docs/method.md §1 and §2) and of the NADA baseline.
 
 Pure functions of features: no model is called here, so each formula can be tested
 against a hand computation. `unit(x)` is the n(x) of the spec.

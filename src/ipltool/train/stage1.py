@@ -1,4 +1,4 @@
-"""Stage 1 of IPL: train the latent mapper that writes image-specific prompts (spec/IPL.md section 1).
+"""Stage 1 of IPL: train the latent mapper that writes image-specific prompts (docs/method.md §1).
 
 Only the mapper learns; the source generator and CLIP are frozen. Images are
 rendered and encoded in chunks under `no_grad`, and only their CLIP features are

@@ -1,4 +1,4 @@
-"""Stage 2 of IPL: adapt a copy of the generator along per-sample text directions (spec/IPL.md section 2).
+"""Stage 2 of IPL: adapt a copy of the generator along per-sample text directions (docs/method.md §2).
 
 `G_t` (trainable) and `G_ema` start as copies of the frozen source `G_s`. Each step
 picks the layers to train (adaptive layer choice), turns the mapper's prompts into

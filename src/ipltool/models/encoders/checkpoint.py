@@ -1,4 +1,4 @@
-"""Reading and writing pSp / e4e / ReStyle checkpoints in the official layout (INVERSION.md §6).
+"""Reading and writing pSp / e4e / ReStyle checkpoints in the official layout (docs/inversion.md §6).
 
 A file is `{"state_dict": {"encoder.<key>": ..., "decoder.<key>": ...}, "opts": {...},
 "latent_avg": tensor}`; anything else at the top level (optimizer, global_step,

@@ -1,4 +1,4 @@
-"""Image -> W+ inverters and the four built-in encoder plugins (INVERSION.md §7).
+"""Image -> W+ inverters and the four built-in encoder plugins (docs/inversion.md §7).
 
 An `Inverter` bundles an encoder with the generator it was trained with (the
 checkpoint's `decoder`) and the average code. `ipl stylize` gets one from a plugin:

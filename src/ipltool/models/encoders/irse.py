@@ -1,6 +1,6 @@
 """IR-SE50 backbone and the map-to-style block shared by the pSp, e4e and ReStyle encoders.
 
-Module and parameter names follow the reference encoders (INVERSION.md §4), so the
+Module and parameter names follow the reference encoders (docs/inversion.md §4), so the
 official FFHQ checkpoints load with `strict=True`:
 `input_layer.{0,1,2}`, `body.K.res_layer.{0..5}`, `body.K.shortcut_layer.{0,1}` and
 `styles.N.{convs.K, linear}`. Every size is a parameter so that tests and `--smoke`

@@ -1,4 +1,4 @@
-"""The four FFHQ image encoders: pSp, e4e, ReStyle-pSp and ReStyle-e4e (INVERSION.md §5).
+"""The four FFHQ image encoders: pSp, e4e, ReStyle-pSp and ReStyle-e4e (docs/inversion.md §5).
 
 Class names are the reference `opts["encoder_type"]` strings, and state-dict keys are
 the reference ones (`input_layer`, `body`, `styles.N.convs.K`, `styles.N.linear`,
