@@ -86,6 +86,55 @@ def test_a_mapper_for_other_prompts_is_refused(run_cli, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def _official_mapper(path, n_ctx_extra=0, latent_dim=None):
+    """The IPL authors' mapper.pt (`{"m": ..., "m_optim": ...}`) sized for the --smoke models of `disney`."""
+    from test_mappers import _trained_mlp, save_official
+
+    from ipltool.domain import load_domain
+    from ipltool.models.clip import PromptEncoder, load_clip
+    from ipltool.models.stylegan2 import TINY_CONFIG
+
+    prompts = PromptEncoder(load_clip("tiny"), load_domain("disney").ctx_init)
+    save_official(path, _trained_mlp(prompts.n_ctx + n_ctx_extra, prompts.dim, latent_dim or TINY_CONFIG.style_dim))
+    return prompts
+
+
+def test_the_authors_mapper_file_drives_adapt(run_cli, tmp_path):
+    _official_mapper(tmp_path / "ipl-mapper.pt")
+    code, _, err = run_cli(
+        "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--mapper", str(tmp_path / "ipl-mapper.pt"),
+        "--out", str(tmp_path / "runs"),
+    )
+    assert code == 0, err
+    flat = " ".join(err.split())
+    assert "stores no ctx_init or labels; it is used with ctx_init 'a photo of a'" in flat
+    assert "trained for None" not in flat  # no labels, so no note about other labels
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    run = RunDir.open(run_dir)
+    assert run.mapper_path.read_bytes() == (tmp_path / "ipl-mapper.pt").read_bytes()
+    assert {r["stage"] for r in run.read_log()} == {"adapt"}  # stage 1 did not run
+    assert run.generator_path.is_file()
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ({"n_ctx_extra": 1}, "maps to 5 context vectors of width 64; this run's ctx_init has n_ctx 4"),
+        ({"latent_dim": 512}, "was trained for latent_dim = 512, this run needs 64"),
+    ],
+    ids=["n_ctx", "latent_dim"],
+)
+def test_an_authors_mapper_file_of_other_sizes_is_refused(run_cli, tmp_path, sizes, message):
+    prompts = _official_mapper(tmp_path / "ipl-mapper.pt", **sizes)
+    assert (prompts.n_ctx, prompts.dim) == (4, 64)  # the numbers in the messages
+    code, _, err = run_cli(
+        "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--mapper", str(tmp_path / "ipl-mapper.pt"),
+        "--out", str(tmp_path / "runs"),
+    )
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def _stop_at(monkeypatch, step, how):
     """Make the stage-2 loop receive Ctrl-C (`how="sigint"`) or die (`"crash"`) at `step`."""
     real_step = stage2_run.stage2_step

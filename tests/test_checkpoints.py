@@ -13,9 +13,9 @@ import torch
 
 from ipltool import checkpoints, registry
 from ipltool.errors import CheckpointError
+from ipltool.models.mappers import load_mapper
 from ipltool.models.stylegan2 import TINY_CONFIG, Generator, build_generator, generator_checkpoint, load_generator
 from ipltool.train.run import capture_rng_state
-from ipltool.train.setup import load_mapper
 
 
 @pytest.fixture(scope="module")

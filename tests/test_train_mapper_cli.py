@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from ipltool.models.mappers import load_mapper
 from ipltool.train.run import RunDir
-from ipltool.train.setup import load_mapper
 
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer-v2"])

@@ -20,11 +20,12 @@ from ipltool import console, registry
 from ipltool.domain import Domain
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.interrupt import StopRequest
+from ipltool.models.mappers import load_mapper
 from ipltool.outdir import write_failures
 from ipltool.precision import Precision
 from ipltool.train.guard import check_memory
 from ipltool.train.run import MAPPER_NAME, RunDir, RunInfo
-from ipltool.train.setup import Models, build_models, load_mapper
+from ipltool.train.setup import Models, build_models
 from ipltool.train.stage1_run import run_stage1
 from ipltool.train.stage2 import check_layer_k
 from ipltool.train.stage2_run import Stage2Result, run_stage2
@@ -65,6 +66,9 @@ def mapper_file(path: Path) -> Path:
 def check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> None:
     """Refuse a mapper that cannot drive this domain's prompts and generator; warn on other labels.
 
+    A file without labels (the IPL authors' mapper.pt, a bare state dict) is used with the
+    domain's ctx_init, and a note says so.
+
     Raises:
         CheckpointError: other sizes or another `ctx_init` than the domain's.
     """
@@ -78,7 +82,9 @@ def check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> None
             )
     if ckpt.get("ctx_init") not in (None, domain.ctx_init):
         raise CheckpointError(f"{path} was trained with ctx_init {ckpt['ctx_init']!r}, the domain has {domain.ctx_init!r}")
-    if (ckpt.get("source"), ckpt.get("target")) != (domain.source, domain.target):
+    if ckpt.get("format", "ipltool") != "ipltool":
+        console.info(f"[yellow]note: {console.escape(path)} stores no ctx_init or labels; it is used with ctx_init {console.escape(repr(domain.ctx_init))}[/]")
+    elif (ckpt.get("source"), ckpt.get("target")) != (domain.source, domain.target):
         trained_for = console.escape(f"{ckpt.get('source')!r} -> {ckpt.get('target')!r}")
         console.info(f"[yellow]note: the mapper was trained for {trained_for}[/]")
 
@@ -133,7 +139,7 @@ def adapt(
     mapper = ckpt_source = None
     if ipl and mapper_path is not None:
         ckpt_source = mapper_file(mapper_path)
-        mapper, ckpt = load_mapper(ckpt_source, device)
+        mapper, ckpt = load_mapper(ckpt_source, device, n_ctx=models.prompts.n_ctx, dim=models.prompts.dim)
         check_mapper(ckpt, domain, models, ckpt_source)
     resumed = run is not None
     if run is None:
@@ -153,12 +159,12 @@ def adapt(
     with write_failures(run.path, "--resume" if resumed else "--out", then):
         if ipl and mapper is None:
             if run.mapper_path.exists():
-                mapper, ckpt = load_mapper(run.mapper_path, device)
+                mapper, ckpt = load_mapper(run.mapper_path, device, n_ctx=models.prompts.n_ctx, dim=models.prompts.dim)
                 check_mapper(ckpt, domain, models, run.mapper_path)
             else:  # continues from a stage-1 state.pt of an interrupted attempt, if any
                 with stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
                     run_stage1(domain, models, run, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every, command="adapt")
-                mapper, _ = load_mapper(run.mapper_path, device)
+                mapper, _ = load_mapper(run.mapper_path, device, n_ctx=models.prompts.n_ctx, dim=models.prompts.dim)
         with stage_progress(domain.adapt.steps, f"stage 2: {domain.adapt.method}") as on_step:
             result = run_stage2(domain, models, run, mapper, save_every=info.save_every, on_step=on_step, stop=stop, precision=run_precision)
     return AdaptResult(run, result, run_precision)

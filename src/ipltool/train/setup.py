@@ -12,7 +12,7 @@ import torch
 
 from ipltool import hub, registry
 from ipltool.domain import CLIP_CONTEXT, Domain
-from ipltool.errors import CheckpointError, DomainError
+from ipltool.errors import DomainError
 from ipltool.models.clip import Clip, PromptEncoder, check_model_name, domain_models, load_clip
 from ipltool.models.stylegan2 import Generator, load_source_generator
 
@@ -108,67 +108,3 @@ def new_mapper(domain: Domain, models: Models) -> torch.nn.Module:
     return registry.build_mapper(
         domain.mapper.kind, models.prompts.n_ctx, models.prompts.dim, models.source.style_dim, **domain.mapper.options
     ).to(models.source.device)
-
-
-def mapper_checkpoint(mapper: torch.nn.Module, domain: Domain, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """What `mapper.pt` holds: the plugin name and constructor arguments, weights, and context."""
-    from ipltool import __version__
-
-    return {
-        "kind": getattr(mapper, "kind", domain.mapper.kind),
-        "init_args": dict(getattr(mapper, "init_args", {})),
-        "state_dict": mapper.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "ctx_init": domain.ctx_init,
-        "source": domain.source,
-        "target": domain.target,
-        "clip": domain.clip[0].model,
-        "ipltool_version": __version__,
-    }
-
-
-def load_mapper(path, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a mapper from `mapper.pt` without flags: its kind and arguments are stored in it.
-
-    Returns:
-        (mapper in eval mode, the checkpoint dict).
-
-    Everything is checked before the mapper is built: the file is read weights-only
-    (`checkpoints.read`), `kind` must be a name, `init_args` within
-    `checkpoints.MAPPER_LIMITS` and of plain types, the weights finite, and their keys and
-    shapes those of the mapper the arguments build on the meta device (no memory), so a
-    file cannot make a mapper larger than itself.
-
-    Raises:
-        CheckpointError: unreadable or unsafe file, bad kind or arguments, non-finite
-            weights, or weights that do not fit the stored arguments.
-    """
-    from ipltool import checkpoints
-    from ipltool.errors import UnknownNameError, UsageError
-
-    ckpt = checkpoints.read(path, "mapper checkpoint", mmap=False)
-    kind = ckpt.get("kind")
-    if not isinstance(kind, str) or not kind:
-        raise CheckpointError(f"{path}: not a mapper checkpoint (its 'kind' is {kind!r:.40}, not a mapper name)")
-    n_ctx, dim, latent_dim, options = checkpoints.mapper_args(ckpt.get("init_args"), path)
-    state = checkpoints.tensor_dict(ckpt.get("state_dict"), path, "mapper state dict")
-    checkpoints.check_finite(state, path, prefix="state_dict")
-
-    def build() -> torch.nn.Module:
-        try:
-            return registry.build_mapper(kind, n_ctx, dim, latent_dim, **options)
-        except UnknownNameError as err:
-            raise CheckpointError(f"{path} holds a mapper of unknown kind: {err.message}", hint=err.hint) from None
-        except (UsageError, TypeError, ValueError) as err:  # options the factory refuses
-            message = err.message if isinstance(err, UsageError) else checkpoints.first_line(err)
-            raise CheckpointError(f"{path}: its init_args do not build a {kind!r} mapper ({message})") from None
-
-    expected = checkpoints.meta_state(build)
-    if expected is not None:  # None: a plugin that cannot be built on the meta device
-        checkpoints.check_shapes(state, expected, path, f"a {kind!r} mapper")
-    mapper = build()
-    try:
-        mapper.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit a {kind!r} mapper: {checkpoints.first_line(err)}") from None
-    return mapper.to(device).eval(), ckpt

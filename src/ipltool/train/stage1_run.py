@@ -17,11 +17,12 @@ from ipltool import checkpoints
 from ipltool.domain import Domain, Mapper
 from ipltool.errors import Interrupted, UsageError
 from ipltool.interrupt import StopRequest
+from ipltool.models.mappers import mapper_checkpoint
 from ipltool.precision import FP32, Precision
 from ipltool.train.guard import StepGuard
 from ipltool.atomic import atomic_torch_save
 from ipltool.train.run import RunDir, capture_rng_state, restore_rng_state
-from ipltool.train.setup import Models, mapper_checkpoint, new_mapper
+from ipltool.train.setup import Models, new_mapper
 from ipltool.train.stage1 import Stage1State, stage1_step, stage1_targets
 from ipltool.train.text import TextFeatures
 
