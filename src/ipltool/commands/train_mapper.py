@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from ipltool import console, registry
+from ipltool import console
 from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
 from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.interrupt import graceful_stop
-from ipltool.outdir import check_output_folder, write_failures
-from ipltool.precision import Precision, precision_option
+from ipltool.outdir import check_output_folder
+from ipltool.precision import precision_option
 from ipltool.progress import step_progress
 
 
@@ -44,10 +44,8 @@ def train_mapper(
     """
     # The training stack imports torch: loaded here, so `ipl train-mapper --help` stays instant.
     from ipltool.domain import load_domain
-    from ipltool.train.guard import check_memory
-    from ipltool.train.run import RunDir, RunInfo
-    from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES, build_models
-    from ipltool.train.stage1_run import run_stage1
+    from ipltool.train.adapt import train_mapper as run_train_mapper
+    from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES
 
     named = {  # domain key: (flag, value); a bad value is reported as the flag
         "mapper.steps": ("--steps", steps),
@@ -56,6 +54,7 @@ def train_mapper(
         "mapper.seed": ("--seed", seed),
         "mapper.kind": ("--mapper-kind", kind),
     }
+    run = info = None
     if resume is not None:
         given = {"--domain": domain, "--clip": clip or None, "--set": sets or None}
         run, resolved, info, precision = continue_run(resume, "mapper", "mapper.steps", given, named, smoke, precision, steps)
@@ -65,28 +64,14 @@ def train_mapper(
             raise UsageError("missing --domain", hint="e.g. ipl train-mapper --domain disney --smoke (see ipl prompts list)")
         check_output_folder(out, "--out")
         resolved = apply_flags(load_domain(domain), SMOKE_OVERRIDES if smoke else None, sets, clip, named)
-        run = None
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
-    registry.require("mappers", resolved.mapper.kind)  # fail before any run dir exists
-    device = resolve_device(console.options.device)
-    run_precision = Precision.of(precision, device)
-    models = build_models(resolved, device, smoke=smoke)
-    check_memory(resolved, models.source, device, ("mapper",), command="train-mapper")
-    if run is None:
-        info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name)
-        config = {**resolved.resolved().to_toml_dict(), "run": info.table()}
-        with write_failures(out, "--out", "then run the same command again"):
-            run = RunDir.create(out, resolved.name, config)
-    console.info(f"run directory: {console.escape(run.path)}")
-    # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
-    then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
-    guard = write_failures(run.path, "--out" if resume is None else "--resume", then)
-    with guard, graceful_stop() as stop, step_progress(resolved.mapper.steps, "stage 1: mapper") as update:
-        result = run_stage1(
-            resolved, models, run, chunk=chunk, on_step=update, precision=run_precision, stop=stop,
-            save_every=info.save_every,
+    with graceful_stop() as stop:
+        done = run_train_mapper(
+            resolved, out, run=run, info=info, smoke=smoke, precision=precision, save_every=save_every, chunk=chunk,
+            device=resolve_device(console.options.device), stage_progress=step_progress, stop=stop,
         )
+    run, result, run_precision = done.run, done.stage1, done.precision
     if console.wants_json(json_output):
         console.print_json(
             {

@@ -1,7 +1,8 @@
-"""The `ipl adapt` pipeline as a library call: stage 1 (unless a mapper is given), then stage 2, in one run directory.
+"""The training pipelines as library calls: `adapt` (stage 1 unless a mapper is given, then stage 2)
+and `train_mapper` (stage 1 alone), each in one run directory.
 
-`ipl adapt` resolves the domain from its flags (or `--resume`) and renders the
-`AdaptResult`; scripts and the web UI call `adapt` with a resolved `Domain`. A stop
+`ipl adapt` and `ipl train-mapper` resolve the domain from their flags (or `--resume`)
+and render the result; scripts and the web UI call these with a resolved `Domain`. A stop
 request (Ctrl-C) saves the state between steps, and `adapt(..., run=RunDir.open(path))`
 with the run's `RunInfo` continues it to exactly the weights of an uninterrupted run.
 """
@@ -26,7 +27,7 @@ from ipltool.precision import Precision
 from ipltool.train.guard import check_memory
 from ipltool.train.run import MAPPER_NAME, RunDir, RunInfo
 from ipltool.train.setup import Models, build_models
-from ipltool.train.stage1_run import run_stage1
+from ipltool.train.stage1_run import Stage1Result, run_stage1
 from ipltool.train.stage2 import check_layer_k
 from ipltool.train.stage2_run import Stage2Result, run_stage2
 
@@ -168,3 +169,55 @@ def adapt(
         with stage_progress(domain.adapt.steps, f"stage 2: {domain.adapt.method}") as on_step:
             result = run_stage2(domain, models, run, mapper, save_every=info.save_every, on_step=on_step, stop=stop, precision=run_precision)
     return AdaptResult(run, result, run_precision)
+
+
+@dataclass
+class MapperResult:
+    """A finished stage-1 run: its run directory (holding `mapper.pt`), what stage 1 reported, the precision."""
+
+    run: RunDir
+    stage1: Stage1Result
+    precision: Precision
+
+
+def train_mapper(
+    domain: Domain,
+    out: Path | None = None,
+    *,
+    run: RunDir | None = None,
+    info: RunInfo | None = None,
+    smoke: bool = False,
+    precision: str | None = None,
+    save_every: int = 50,
+    chunk: int = 8,
+    device: torch.device | str = "cpu",
+    stage_progress: StageProgress = _no_progress,
+    stop: StopRequest | None = None,
+) -> MapperResult:
+    """Train `domain`'s prompt mapper (stage 1) and write `mapper.pt`; arguments as for `adapt`.
+
+    Args:
+        chunk: images rendered at once (memory vs speed; the results do not change).
+
+    Raises:
+        UsageError, NonFiniteError, Interrupted: as `adapt`.
+    """
+    if run is None and out is None:
+        raise UsageError("train_mapper needs a run directory to continue or an output folder for a new one")
+    device = torch.device(device)
+    registry.require("mappers", domain.mapper.kind)  # fail before any run dir exists
+    run_precision = Precision.of(precision, device)
+    models = build_models(domain, device, smoke=smoke)
+    check_memory(domain, models.source, device, ("mapper",), command="train-mapper")
+    resumed = run is not None
+    if run is None:
+        info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name)
+        with write_failures(out, "--out", "then run the same command again"):
+            run = RunDir.create(out, domain.name, {**domain.resolved().to_toml_dict(), "run": info.table()})
+    info = info or run.read_info()
+    console.info(f"run directory: {console.escape(run.path)}")
+    # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
+    then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
+    with write_failures(run.path, "--resume" if resumed else "--out", then), stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
+        result = run_stage1(domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every)
+    return MapperResult(run, result, run_precision)
