@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ipltool import console, registry
 from ipltool.devices import resolve_device
-from ipltool.errors import Interrupted, UsageError, did_you_mean
+from ipltool.errors import Interrupted
 from ipltool.interrupt import graceful_stop
 from ipltool.outdir import check_output_folder
 from ipltool.precision import Precision, precision_option
@@ -18,30 +18,6 @@ from ipltool.progress import track
 
 if TYPE_CHECKING:
     from ipltool.invert.pipeline import StylizeResult
-
-#: Encoder input size of the tiny random encoders of `--smoke`.
-SMOKE_INPUT_SIZE = 64
-
-
-def _load_inverter(name: str, weights: Optional[Path], smoke: bool, options: dict, device):
-    """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with --smoke."""
-    from ipltool import hub
-    from ipltool.models.stylegan2 import load_source_generator
-
-    plugin = registry.load("encoders", name)  # checked against registry.EncoderLoader
-    if smoke:
-        tiny = registry.optional_method("encoders", name, plugin, "tiny", "--smoke")
-        source = load_source_generator("tiny", device=device)
-        return tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
-    if weights is None:
-        default = getattr(plugin, "default_weights", None)
-        if not default:
-            raise UsageError(f"encoder {name!r} has no default weights", hint="pass its checkpoint with --weights FILE")
-        weights = hub.ensure(default)
-    elif not weights.is_file():
-        raise UsageError(f"no such encoder checkpoint: {weights}")
-    return plugin.load(weights, device=device, **options)
-
 
 def stylize(
     photos: Optional[list[str]] = typer.Argument(None, help="Photos, folders (recursive) or quoted globs such as 'shots/**/*.jpg'.", show_default=False),
@@ -79,26 +55,13 @@ def stylize(
     """
     # The encoders and generators import torch: loaded here, so `ipl stylize --help` stays instant.
     from ipltool.invert.inputs import check_output_dir, collect_photos
-    from ipltool.invert.pipeline import stylize_photos
+    from ipltool.invert.pipeline import check_face_flags, encoder_options, load_inverter, stylize_photos
     from ipltool.invert.stylize import StylizeOptions
     from ipltool.invert.targets import load_targets, plan_targets
     from ipltool.train.setup import SMOKE_NOTE
 
-    if faces not in ("largest", "all"):
-        raise UsageError(f"--faces must be largest or all, not {faces!r}{did_you_mean(faces, ('largest', 'all'))}")
-    if paste_mask not in ("square", "ellipse"):
-        raise UsageError(f"--paste-mask must be square or ellipse, not {paste_mask!r}{did_you_mean(paste_mask, ('square', 'ellipse'))}")
-    if no_align and (paste_back or faces == "all" or landmarks):
-        raise UsageError("--no-align takes the whole image as the face; drop --paste-back, --faces all and --landmarks")
-    options = {}
-    if restyle_steps is not None:
-        if not encoder.startswith("restyle"):
-            raise UsageError(f"--restyle-steps applies to the restyle-* encoders, not {encoder!r}")
-        options["restyle_steps"] = restyle_steps
-    if restyle_extra_pass:
-        if not encoder.startswith("restyle"):
-            raise UsageError(f"--restyle-extra-pass applies to the restyle-* encoders, not {encoder!r}")
-        options["extra_pass"] = True
+    check_face_flags(faces, paste_mask, no_align, paste_back, landmarks)
+    options = encoder_options(encoder, restyle_steps, restyle_extra_pass)
     photo_list = collect_photos(list(photos or []), from_list)
     check_output_dir(out, photo_list, list(photos or []))
     check_output_folder(out, "--out")
@@ -114,7 +77,7 @@ def stylize(
         detector = FaceDetector(landmarks, min_score=min_score).load()  # a missing dlib or predictor fails now, not per photo
     device = resolve_device(console.options.device)
     run_precision = Precision.of(precision, device)
-    inverter = _load_inverter(encoder, weights, smoke, options, device)
+    inverter = load_inverter(encoder, weights, smoke, options, device)
     targets = load_targets(planned, device, inverter.decoder)
     if not targets:
         console.info("[yellow]no --domain or --generator: writing aligned faces and reconstructions only[/]")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ipltool import console
+from ipltool.errors import UsageError, did_you_mean
 from ipltool.atomic import sweep_stale_temps
 from ipltool.interrupt import StopRequest
 from ipltool.invert.inputs import Photo
@@ -23,6 +24,65 @@ from ipltool.invert.targets import Target
 from ipltool.outdir import exclusive, write_failures
 
 THEN = "then run the same command with --skip-existing to continue (the manifest lists the finished photos)"
+#: Encoder input size of the tiny random encoders of `--smoke`.
+SMOKE_INPUT_SIZE = 64
+
+
+def check_face_flags(faces: str, paste_mask: str, no_align: bool, paste_back: bool, landmarks: Path | None) -> None:
+    """Refuse face options that do not go together, in the words of `ipl stylize`'s flags.
+
+    Raises:
+        UsageError: one line naming the flags.
+    """
+    if faces not in ("largest", "all"):
+        raise UsageError(f"--faces must be largest or all, not {faces!r}{did_you_mean(faces, ('largest', 'all'))}")
+    if paste_mask not in ("square", "ellipse"):
+        raise UsageError(f"--paste-mask must be square or ellipse, not {paste_mask!r}{did_you_mean(paste_mask, ('square', 'ellipse'))}")
+    if no_align and (paste_back or faces == "all" or landmarks):
+        raise UsageError("--no-align takes the whole image as the face; drop --paste-back, --faces all and --landmarks")
+
+
+def encoder_options(encoder: str, restyle_steps: int | None, restyle_extra_pass: bool) -> dict:
+    """The options of the ReStyle encoders, refused for the others.
+
+    Raises:
+        UsageError: a ReStyle option for another encoder.
+    """
+    options: dict = {}
+    if restyle_steps is not None:
+        if not encoder.startswith("restyle"):
+            raise UsageError(f"--restyle-steps applies to the restyle-* encoders, not {encoder!r}")
+        options["restyle_steps"] = restyle_steps
+    if restyle_extra_pass:
+        if not encoder.startswith("restyle"):
+            raise UsageError(f"--restyle-extra-pass applies to the restyle-* encoders, not {encoder!r}")
+        options["extra_pass"] = True
+    return options
+
+
+def load_inverter(name: str, weights: Path | None, smoke: bool, options: dict, device):
+    """The encoder plugin `name`, loaded from `weights` (default: its registry file) or tiny with `smoke`.
+
+    Raises:
+        UsageError: no weights file, and no default one.
+        PluginError: the plugin lacks `tiny()` for `smoke`.
+    """
+    from ipltool import hub, registry
+    from ipltool.models.stylegan2 import load_source_generator
+
+    plugin = registry.load("encoders", name)  # checked against registry.EncoderLoader
+    if smoke:
+        tiny = registry.optional_method("encoders", name, plugin, "tiny", "--smoke")
+        source = load_source_generator("tiny", device=device)
+        return tiny(source, seed=0, input_size=SMOKE_INPUT_SIZE, device=device, **options)
+    if weights is None:
+        default = getattr(plugin, "default_weights", None)
+        if not default:
+            raise UsageError(f"encoder {name!r} has no default weights", hint="pass its checkpoint with --weights FILE")
+        weights = hub.ensure(default)
+    elif not weights.is_file():
+        raise UsageError(f"no such encoder checkpoint: {weights}")
+    return plugin.load(weights, device=device, **options)
 
 
 @dataclass
