@@ -234,7 +234,7 @@ def test_the_adapt_pipeline_is_a_library_call(tmp_path):
     # What `ipl adapt` runs, callable from Python (scripts, the web UI) without the CLI.
     from ipltool.domain import load_domain
     from ipltool.interrupt import StopRequest
-    from ipltool.train.adapt import adapt
+    from ipltool.train.adapt import RunOptions, adapt
     from ipltool.train.run import RunDir
     from ipltool.train.setup import SMOKE_OVERRIDES
 
@@ -256,10 +256,10 @@ def test_the_adapt_pipeline_is_a_library_call(tmp_path):
     from ipltool.errors import Interrupted
 
     with pytest.raises(Interrupted, match="stopped at step 1 of 2; the state is saved"):
-        adapt(domain, tmp_path, smoke=True, stage_progress=stage_progress, stop=stop)
+        adapt(domain, tmp_path, RunOptions(smoke=True, stage_progress=stage_progress, stop=stop))
     (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert steps == [("stage 1: mapper", 1), ("stage 1: mapper", 2), ("stage 1: mapper", 3), ("stage 2: ipl", 1)]
     run = RunDir.open(path)
     resumed_domain, info = run.read()
-    done = adapt(resumed_domain, run=run, info=info, smoke=info.smoke, precision=info.precision)
+    done = adapt(resumed_domain, options=RunOptions(smoke=info.smoke, precision=info.precision), run=run, info=info)
     assert done.run.path == path and done.run.generator_path.is_file() and done.stage2.resumed_from == 1

@@ -49,6 +49,7 @@ def adapt(
     """
     # The training stack imports torch: loaded here, so `ipl adapt --help` stays instant.
     from ipltool.domain import load_domain
+    from ipltool.train.adapt import RunOptions
     from ipltool.train.adapt import adapt as run_adapt
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES
 
@@ -76,10 +77,8 @@ def adapt(
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
-        done = run_adapt(
-            resolved, out, run=run, info=info, mapper_path=mapper_path, smoke=smoke, precision=precision, save_every=save_every,
-            device=resolve_device(console.options.device), stage_progress=step_progress, stop=stop,
-        )
+        options = RunOptions(smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop)
+        done = run_adapt(resolved, out, options, run=run, info=info, mapper_path=mapper_path)
     run, result = done.run, done.stage2
     if console.wants_json(json_output):
         console.print_json(

@@ -44,6 +44,7 @@ def train_mapper(
     """
     # The training stack imports torch: loaded here, so `ipl train-mapper --help` stays instant.
     from ipltool.domain import load_domain
+    from ipltool.train.adapt import RunOptions
     from ipltool.train.adapt import train_mapper as run_train_mapper
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES
 
@@ -67,10 +68,8 @@ def train_mapper(
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
-        done = run_train_mapper(
-            resolved, out, run=run, info=info, smoke=smoke, precision=precision, save_every=save_every, chunk=chunk,
-            device=resolve_device(console.options.device), stage_progress=step_progress, stop=stop,
-        )
+        options = RunOptions(smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop)
+        done = run_train_mapper(resolved, out, options, run=run, info=info, chunk=chunk)
     run, result, run_precision = done.run, done.stage1, done.precision
     if console.wants_json(json_output):
         console.print_json(

@@ -41,6 +41,27 @@ def _no_progress(total: int, description: str):
 
 
 @dataclass
+class RunOptions:
+    """How a training run runs: what `ipl adapt` and `ipl train-mapper` share beyond the domain.
+
+    Attributes:
+        smoke: the models are the tiny random ones.
+        precision: fp32 (None), bf16 or fp16; refused where the device lacks it.
+        save_every: steps between resume states of a new run.
+        device: where the models run.
+        stage_progress: progress of each stage (see `StageProgress`).
+        stop: a stop request polled between steps (`interrupt.graceful_stop`).
+    """
+
+    smoke: bool = False
+    precision: str | None = None
+    save_every: int = 50
+    device: torch.device | str = "cpu"
+    stage_progress: StageProgress = _no_progress
+    stop: StopRequest | None = None
+
+
+@dataclass
 class AdaptResult:
     """A finished adaptation: its run directory, what stage 2 reported, the precision it ran in."""
 
@@ -91,33 +112,18 @@ def check_mapper(ckpt: dict, domain: Domain, models: Models, path: Path) -> None
 
 
 def adapt(
-    domain: Domain,
-    out: Path | None = None,
-    *,
-    run: RunDir | None = None,
-    info: RunInfo | None = None,
-    mapper_path: Path | None = None,
-    smoke: bool = False,
-    precision: str | None = None,
-    save_every: int = 50,
-    device: torch.device | str = "cpu",
-    stage_progress: StageProgress = _no_progress,
-    stop: StopRequest | None = None,
+    domain: Domain, out: Path | None = None, options: RunOptions | None = None, *,
+    run: RunDir | None = None, info: RunInfo | None = None, mapper_path: Path | None = None,
 ) -> AdaptResult:
     """Adapt `domain`'s generator to its target text; returns the run with `generator.pt` written.
 
     Args:
         domain: the resolved domain (flags and `--smoke` settings applied).
         out: parent folder of a new run directory (ignored when `run` is given).
+        options: smoke, precision, device, progress, stop (`RunOptions`; None: the defaults).
         run, info: an existing run to continue (`RunDir.read`), e.g. after a stop.
         mapper_path: a stage-1 mapper.pt (or a train-mapper run) to use instead of stage 1;
             it is copied into the run, which stays self-contained.
-        smoke: the models are the tiny random ones.
-        precision: fp32 (None), bf16 or fp16; refused where the device lacks it.
-        save_every: steps between resume states of a new run.
-        device: where the models run.
-        stage_progress: progress of each stage (see `StageProgress`).
-        stop: a stop request polled between steps (`interrupt.graceful_stop`).
 
     Raises:
         UsageError: nothing to write to, a bad setting, out of memory; the message says what to do.
@@ -127,12 +133,13 @@ def adapt(
     """
     if run is None and out is None:
         raise UsageError("adapt needs a run directory to continue or an output folder for a new one")
-    device = torch.device(device)
+    o = options or RunOptions()
+    device, smoke, stage_progress, stop = torch.device(o.device), o.smoke, o.stage_progress, o.stop
     ipl = domain.adapt.method == "ipl"
     stage1 = ipl and mapper_path is None and (run is None or not run.mapper_path.exists())
     if stage1:
         registry.require("mappers", domain.mapper.kind)
-    run_precision = Precision.of(precision, device)
+    run_precision = Precision.of(o.precision, device)
     models = build_models(domain, device, smoke=smoke)  # fails before any run dir exists
     check_layer_k(domain, models.source)
     check_memory(domain, models.source, device, ("mapper", "adapt") if stage1 else ("adapt",), command="adapt")
@@ -145,7 +152,7 @@ def adapt(
     resumed = run is not None
     if run is None:
         info = RunInfo(
-            stage="adapt", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name,
+            stage="adapt", smoke=smoke, device=str(device), save_every=o.save_every, precision=run_precision.name,
             mapper_from=str(ckpt_source) if ckpt_source is not None else None,
         )
         with write_failures(out, "--out", "then run the same command again"):
@@ -181,18 +188,8 @@ class MapperResult:
 
 
 def train_mapper(
-    domain: Domain,
-    out: Path | None = None,
-    *,
-    run: RunDir | None = None,
-    info: RunInfo | None = None,
-    smoke: bool = False,
-    precision: str | None = None,
-    save_every: int = 50,
-    chunk: int = 8,
-    device: torch.device | str = "cpu",
-    stage_progress: StageProgress = _no_progress,
-    stop: StopRequest | None = None,
+    domain: Domain, out: Path | None = None, options: RunOptions | None = None, *,
+    run: RunDir | None = None, info: RunInfo | None = None, chunk: int = 8,
 ) -> MapperResult:
     """Train `domain`'s prompt mapper (stage 1) and write `mapper.pt`; arguments as for `adapt`.
 
@@ -204,20 +201,21 @@ def train_mapper(
     """
     if run is None and out is None:
         raise UsageError("train_mapper needs a run directory to continue or an output folder for a new one")
-    device = torch.device(device)
+    o = options or RunOptions()
+    device, smoke = torch.device(o.device), o.smoke
     registry.require("mappers", domain.mapper.kind)  # fail before any run dir exists
-    run_precision = Precision.of(precision, device)
+    run_precision = Precision.of(o.precision, device)
     models = build_models(domain, device, smoke=smoke)
     check_memory(domain, models.source, device, ("mapper",), command="train-mapper")
     resumed = run is not None
     if run is None:
-        info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=save_every, precision=run_precision.name)
+        info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=o.save_every, precision=run_precision.name)
         with write_failures(out, "--out", "then run the same command again"):
             run = RunDir.create(out, domain.name, {**domain.resolved().to_toml_dict(), "run": info.table()})
     info = info or run.read_info()
     console.info(f"run directory: {console.escape(run.path)}")
     # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
     then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
-    with write_failures(run.path, "--resume" if resumed else "--out", then), stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
-        result = run_stage1(domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every)
+    with write_failures(run.path, "--resume" if resumed else "--out", then), o.stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
+        result = run_stage1(domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=o.stop, save_every=info.save_every)
     return MapperResult(run, result, run_precision)
