@@ -211,3 +211,28 @@ def test_the_eval_pipeline_is_a_library_call(smoke_runs, tmp_path):
     assert outcome.skipped == [{"path": str(tmp_path / "empty"), "reason": outcome.skipped[0]["reason"]}]
     assert skips == [f"{tmp_path / 'empty'}: {outcome.skipped[0]['reason']}"]
     assert not outcome.complete and outcome.report["index.html"].is_file()
+
+
+def test_clip_weights_flag_gives_the_clip_metrics_their_file(run_cli, tmp_path):
+    # The CLIP metrics' hint names --clip-weights: the flag exists and its file is used.
+    import torch
+    from PIL import Image
+
+    from ipltool.models.clip import load_clip
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 90, 30)).save(folder / f"p{i}.png")
+    weights = tmp_path / "tiny-clip.pt"
+    torch.save(load_clip("tiny", seed=3).model.state_dict(), weights)
+    args = ["eval", str(folder), "--domain", "disney", "--metrics", "clip", "--clip", "tiny", "--json"]
+
+    code, out, err = run_cli(*args, "--clip-weights", str(weights), "--report", str(tmp_path / "r1"))
+    assert code == 0, err
+    (result,) = json.loads(out)["runs"]
+    assert result["metrics"]["clip_score"] is not None
+    assert result["meta"]["extractors"]["clip:tiny"]["weights"] == "real"
+
+    code, _, err = run_cli(*args, "--clip-weights", str(tmp_path / "missing.pt"), "--report", str(tmp_path / "r2"))
+    assert code == 2 and f"weights file not found: {tmp_path / 'missing.pt'}" in err and "Traceback" not in err

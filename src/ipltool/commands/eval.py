@@ -50,6 +50,7 @@ def eval_command(
     sifid_weights: Optional[Path] = typer.Option(None, "--sifid-weights", help="torchvision Inception-v3 weights file for SIFID."),
     hed_weights: Optional[Path] = typer.Option(None, "--hed-weights", help="HED (BSDS500) weights file for SCS."),
     id_weights: Optional[Path] = typer.Option(None, "--id-weights", help="ArcFace IR-SE50 weights file (model_ir_se50.pth)."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights file for the CLIP metrics (an OpenAI or open_clip file of the --clip model)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Download missing metric weights (default: report them as missing, with the `ipl fetch` line)."),
     report: Path = typer.Option(Path("report"), "--report", help="Report folder (metrics.json, .csv, .md, index.html)."),
     compare: bool = typer.Option(False, "--compare", help="Print the paper-style table: a row per domain, a column per method."),
@@ -74,7 +75,8 @@ def eval_command(
     from ipltool.metrics.evaluate import Settings
     from ipltool.metrics.pipeline import evaluate_inputs
 
-    weights = {k: v for k, v in {"inception": inception_weights, "sifid": sifid_weights, "edges": hed_weights, "identity": id_weights}.items() if v}
+    files = {"inception": inception_weights, "sifid": sifid_weights, "edges": hed_weights, "identity": id_weights, "clip": clip_weights}
+    weights = {k: v for k, v in files.items() if v}
     settings = Settings(
         metrics=_parse_metrics(metrics), n=n, seed=seed, truncation=truncation, batch=batch, smoke=smoke,
         reference=reference, sifid_refs=list(sifid_ref or []), sifid_layer=sifid_layer, scs_edge=scs_edge,

@@ -31,7 +31,7 @@ SMOKE_N = 16
 
 
 #: The `ipl eval` flag that gives each extractor's weights file (named in errors about the file).
-WEIGHTS_FLAGS = {"inception": "--inception-weights", "sifid": "--sifid-weights", "edges": "--hed-weights", "identity": "--id-weights"}
+WEIGHTS_FLAGS = {"inception": "--inception-weights", "sifid": "--sifid-weights", "edges": "--hed-weights", "identity": "--id-weights", "clip": "--clip-weights"}
 
 
 @dataclass
