@@ -17,8 +17,10 @@ import typer
 
 from ipltool import __version__, console
 from ipltool.commands import adapt as adapt_cmd
+from ipltool.commands import blend as blend_cmd
 from ipltool.commands import eval as eval_cmd
 from ipltool.commands import fetch as fetch_cmd
+from ipltool.commands import generate as generate_cmd
 from ipltool.commands import kernels as kernels_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
@@ -80,6 +82,8 @@ app.command("train-mapper")(train_mapper_cmd.train_mapper)
 app.command("adapt")(adapt_cmd.adapt)
 app.command("stylize")(stylize_cmd.stylize)
 app.command("eval")(eval_cmd.eval_command)
+app.command("generate")(generate_cmd.generate)
+app.command("blend")(blend_cmd.blend)
 app.add_typer(kernels_cmd.app, name="kernels")
 
 

@@ -52,6 +52,9 @@ def eval_command(
     id_weights: Optional[Path] = typer.Option(None, "--id-weights", help="ArcFace IR-SE50 weights file (model_ir_se50.pth)."),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights file for the CLIP metrics (an OpenAI or open_clip file of the --clip model)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Download missing metric weights (default: report them as missing, with the `ipl fetch` line)."),
+    strength: str = typer.Option("1", "--strength", help="Style strength α of every generator input: weights θ_s + α(θ_t − θ_s); a list, e.g. 0.5,1, measures each."),
+    blend: Optional[list[str]] = typer.Option(None, "--blend", help="NAME=WEIGHT (repeat): also measure this blend of adapted generators (domains, run folders or files)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where `ipl adapt` wrote its runs (for --blend domain names)."),
     report: Path = typer.Option(Path("report"), "--report", help="Report folder (metrics.json, .csv, .md, index.html)."),
     compare: bool = typer.Option(False, "--compare", help="Print the paper-style table: a row per domain, a column per method."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random networks, 16 samples: a plumbing check (implied by --smoke runs)."),
@@ -74,6 +77,7 @@ def eval_command(
     # The metric networks import torch: loaded here, so `ipl eval --help` stays instant.
     from ipltool.metrics.evaluate import Settings
     from ipltool.metrics.pipeline import evaluate_inputs
+    from ipltool.render.blend import parse_blend, parse_number_list
 
     files = {"inception": inception_weights, "sifid": sifid_weights, "edges": hed_weights, "identity": id_weights, "clip": clip_weights}
     weights = {k: v for k, v in files.items() if v}
@@ -82,6 +86,8 @@ def eval_command(
         reference=reference, sifid_refs=list(sifid_ref or []), sifid_layer=sifid_layer, scs_edge=scs_edge,
         id_backbone=id_backbone, clip_models=clip, weights=weights, allow_download=allow_download,
     )
+    strengths = list(dict.fromkeys(parse_number_list(strength, "--strength")))
+    blend_pairs = parse_blend(list(blend or []))
     device = resolve_device(console.options.device)
 
     def skip(_entry: dict, message: str) -> None:
@@ -92,6 +98,7 @@ def eval_command(
         outcome = evaluate_inputs(
             list(inputs or []), settings, report, device, domain=domain, on_skip=skip,
             progress=lambda name, done, total: progress.update(f"eval {name}", done, total),
+            strengths=strengths, blend=blend_pairs, runs_root=runs,
         )
     if console.wants_json(json_output):
         console.print_json({"report": {k: str(v) for k, v in outcome.report.items()}, "runs": outcome.results, "skipped": outcome.skipped})

@@ -26,6 +26,8 @@ def stylize(
     domain: Optional[list[str]] = typer.Option(None, "--domain", "-d", help="Render with the newest `ipl adapt` run of this domain (repeatable)."),
     generator: Optional[list[Path]] = typer.Option(None, "--generator", "-g", help="An adapt run folder or generator .pt file (repeatable)."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where `ipl adapt` wrote its runs (for --domain)."),
+    strength: str = typer.Option("1", "--strength", help="Style strength α of every target: weights θ_s + α(θ_t − θ_s) with the encoder's generator as θ_s; a list, e.g. 0.5,1, renders each (stylized/disney-s0.5/)."),
+    blend: Optional[list[str]] = typer.Option(None, "--blend", help="NAME=WEIGHT (repeat): one more target mixing adapted generators, e.g. --blend disney=0.5 --blend pixar=0.5."),
     encoder: str = typer.Option("e4e", "--encoder", "-e", help="e4e, psp, restyle-e4e, restyle-psp, or a plugin's encoder."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Encoder checkpoint; default: the encoder's official file (fetched on first use)."),
     restyle_steps: Optional[int] = typer.Option(None, "--restyle-steps", min=1, help="ReStyle refinement steps (default 5)."),
@@ -57,7 +59,7 @@ def stylize(
     from ipltool.invert.inputs import check_output_dir, collect_photos
     from ipltool.invert.pipeline import check_face_flags, encoder_options, load_inverter, stylize_photos
     from ipltool.invert.stylize import StylizeOptions
-    from ipltool.invert.targets import load_targets, plan_targets
+    from ipltool.invert.targets import load_targets, mix_options, plan_targets
     from ipltool.train.setup import SMOKE_NOTE
 
     check_face_flags(faces, paste_mask, no_align, paste_back, landmarks)
@@ -67,6 +69,7 @@ def stylize(
     check_output_folder(out, "--out")
     registry.require("encoders", encoder)
     planned = plan_targets(list(generator or []), list(domain or []), runs, smoke)
+    strengths, blend_specs = mix_options(strength, list(blend or []), runs)
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
 
@@ -78,7 +81,7 @@ def stylize(
     device = resolve_device(console.options.device)
     run_precision = Precision.of(precision, device)
     inverter = load_inverter(encoder, weights, smoke, options, device)
-    targets = load_targets(planned, device, inverter.decoder)
+    targets = load_targets(planned, device, inverter.decoder, strengths, blend_specs)
     if not targets:
         console.info("[yellow]no --domain or --generator: writing aligned faces and reconstructions only[/]")
 

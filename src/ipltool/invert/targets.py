@@ -8,8 +8,8 @@ plumbing can be checked before anything was trained.
 
 from __future__ import annotations
 
-import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,16 @@ import torch
 from ipltool import console
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.models.stylegan2 import Generator, build_generator, load_generator
-from ipltool.train.run import GENERATOR_NAME, RunDir, finished_runs
+from ipltool.render.blend import blend_label, mixed_generator, strength_label
+from ipltool.render.generators import generator_file, run_name, unique_label
+from ipltool.train.run import GENERATOR_NAME, finished_runs
 
-_LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
+#: Folder names of a stylize output that no target label may take.
+RESERVED = ("aligned", "reconstruction")
+
+
+def _unique(label: str, taken: set[str]) -> str:
+    return unique_label(label, taken, RESERVED)
 
 
 @dataclass
@@ -30,51 +37,6 @@ class Target:
     label: str
     generator: Generator
     source: str
-
-
-def _run_config(path: Path) -> dict:
-    try:
-        return RunDir.open(path).read_config()
-    except UsageError:
-        return {}
-
-
-def _label_from(path: Path) -> str:
-    if path.is_dir():
-        name = _run_config(path).get("name")
-        if isinstance(name, str) and name:
-            return name
-        return path.name
-    return path.stem
-
-
-def _unique(label: str, taken: set[str]) -> str:
-    label = _LABEL.sub("_", label) or "generator"
-    candidate, counter = label, 2
-    while candidate in taken or candidate in ("aligned", "reconstruction"):
-        candidate = f"{label}-{counter}"
-        counter += 1
-    taken.add(candidate)
-    return candidate
-
-
-def _generator_file(spec: Path) -> Path:
-    """The generator file of a run directory, or the file itself.
-
-    Raises:
-        UsageError: the path does not exist or the run has no generator yet.
-    """
-    if spec.is_dir():
-        path = spec / GENERATOR_NAME
-        if not path.is_file():
-            raise UsageError(
-                f"{spec} has no {GENERATOR_NAME} (the adapt run has not finished)",
-                hint=f"finish it with: ipl adapt --resume {spec}",
-            )
-        return path
-    if not spec.is_file():
-        raise UsageError(f"no such generator: {spec}", hint="pass an `ipl adapt` run folder or a generator .pt file")
-    return spec
 
 
 @dataclass(frozen=True)
@@ -104,7 +66,7 @@ def plan_targets(generators: list[Path], domains: list[str], runs_root: Path, sm
     taken: set[str] = set()
     specs: list[TargetSpec] = []
     for spec in generators:
-        specs.append(TargetSpec(_unique(_label_from(spec), taken), _generator_file(spec), str(spec)))
+        specs.append(TargetSpec(_unique(run_name(spec), taken), generator_file(spec), str(spec)))
     for domain in domains:
         runs = finished_runs(domain, runs_root)
         run = next((path for path, info in runs if info.smoke == smoke), None)
@@ -134,30 +96,78 @@ def plan_targets(generators: list[Path], domains: list[str], runs_root: Path, sm
     return specs
 
 
-def load_targets(specs: list[TargetSpec], device: torch.device, like: Generator) -> list[Target]:
+def mix_options(strength: str, blend: list[str], runs_root: Path) -> tuple[list[float], list[tuple[TargetSpec, float]]]:
+    """`--strength` and `--blend` as `load_targets` takes them: the strengths, and the blend's targets with weights.
+
+    Raises:
+        UsageError: malformed values, or a blend name that names no generator.
+    """
+    from ipltool.render.blend import parse_blend, parse_number_list
+    from ipltool.render.generators import resolve_generator
+
+    strengths = list(dict.fromkeys(parse_number_list(strength, "--strength")))
+    pairs = []
+    for name, weight in parse_blend(blend):
+        ref = resolve_generator(name, runs_root)
+        if ref.path is None:
+            raise UsageError(f"--blend {name}: a source generator, not an adapted one", hint="blend adapted generators (domains, run folders, .pt files)")
+        pairs.append((TargetSpec(ref.label, ref.path, ref.origin), weight))
+    return strengths, pairs
+
+
+def load_targets(
+    specs: list[TargetSpec],
+    device: torch.device,
+    like: Generator,
+    strengths: Sequence[float] = (1.0,),
+    blend: Sequence[tuple[TargetSpec, float]] = (),
+) -> list[Target]:
     """Load the planned generators, checked against the inverter's own generator.
 
     Args:
         specs: from `plan_targets`.
         device: where the generators go.
-        like: the encoder's generator; W+ codes must fit every target, and random
-            stand-ins copy its architecture.
+        like: the encoder's generator: the source generator of the targets. W+ codes must
+            fit every target, random stand-ins copy its architecture and mapping network,
+            and `strengths` and `blend` mix with its weights (`render.blend`).
+        strengths: `--strength` values: each target at each (1: as trained; `disney-s0.5`).
+        blend: `--blend` (target, weight) pairs: one more target mixing them.
 
     Raises:
         CheckpointError: a file that is not a generator, or a generator whose W+ space
-            differs from the encoder's (another resolution or style size).
+            differs from the encoder's (another resolution or style size), or that was
+            adapted from another source (with `strengths` or `blend`).
     """
+    taken = {spec.label for spec in specs}
     targets = []
     for spec in specs:
-        if spec.path is None:
-            generator = build_generator(like.config, seed=zlib.crc32(spec.label.encode()), noise_strength=0.1)
-        else:
-            generator = load_generator(spec.path)
-        if (generator.n_latent, generator.style_dim) != (like.n_latent, like.style_dim):
-            raise CheckpointError(
-                f"generator {spec.label!r} ({spec.source}) takes W+ codes of {generator.n_latent}x{generator.style_dim}, "
-                f"the encoder makes {like.n_latent}x{like.style_dim}",
-                hint="use generators adapted from the generator the encoder was trained for",
-            )
-        targets.append(Target(spec.label, generator.to(device).eval().requires_grad_(False), spec.source))
+        generator = _load(spec, like)
+        for alpha in strengths:
+            if alpha == 1:
+                targets.append(Target(spec.label, generator.to(device).eval().requires_grad_(False), spec.source))
+            else:
+                mixed = mixed_generator(like, [(generator, alpha)], [spec.source])
+                targets.append(Target(_unique(strength_label(spec.label, alpha), taken), mixed.to(device), f"{spec.source} at strength {alpha:g}"))
+    if blend:
+        generators = [(_load(spec, like), weight) for spec, weight in blend]
+        mixed = mixed_generator(like, generators, [spec.source for spec, _ in blend])
+        label = _unique(blend_label([(spec.label, weight) for spec, weight in blend]), taken)
+        targets.append(Target(label, mixed.to(device), " + ".join(f"{w:g}×{spec.source}" for spec, w in blend)))
     return targets
+
+
+def _load(spec: TargetSpec, like: Generator) -> Generator:
+    """The generator of `spec` on the CPU (a random stand-in sharing `like`'s mapping network for None)."""
+    if spec.path is None:
+        generator = build_generator(like.config, seed=zlib.crc32(spec.label.encode()), noise_strength=0.1)
+        # Adaptation never changes the mapping network: a stand-in keeps its source's, as real targets do.
+        generator.style.load_state_dict(like.style.state_dict())
+    else:
+        generator = load_generator(spec.path)
+    if (generator.n_latent, generator.style_dim) != (like.n_latent, like.style_dim):
+        raise CheckpointError(
+            f"generator {spec.label!r} ({spec.source}) takes W+ codes of {generator.n_latent}x{generator.style_dim}, "
+            f"the encoder makes {like.n_latent}x{like.style_dim}",
+            hint="use generators adapted from the generator the encoder was trained for",
+        )
+    return generator.to(like.device)

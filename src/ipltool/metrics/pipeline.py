@@ -8,16 +8,15 @@ skipped with a reason (passed to `on_skip` as they happen) and the rest is evalu
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ipltool import console
 from ipltool.atomic import atomic_write_bytes, sweep_stale_temps
 from ipltool.errors import CheckpointError, IplError, UsageError, did_you_mean
 from ipltool.metrics.evaluate import NONFINITE_REASON, Evaluator, Settings
-from ipltool.metrics.sampling import EvalInput, NotEvaluable, resolve_input
+from ipltool.metrics.sampling import EvalInput, NotEvaluable, blend_input, resolve_input, with_strengths
 from ipltool.outdir import check_output_folder, write_failures
 from ipltool.report import write_report
 
@@ -48,6 +47,7 @@ def check_settings(settings: Settings) -> None:
         UsageError: one line naming the flag.
     """
     from ipltool.models.clip import check_model_name
+    from ipltool.render.latents import check_truncation
 
     s = settings
     if s.sifid_layer not in (64, 192):
@@ -56,8 +56,7 @@ def check_settings(settings: Settings) -> None:
         raise UsageError(f"--scs-edge must be hed or sobel, not {s.scs_edge!r}{did_you_mean(s.scs_edge, ('hed', 'sobel'))}")
     if s.id_backbone not in ("dlib", "arcface"):
         raise UsageError(f"--id-backbone must be dlib or arcface, not {s.id_backbone!r}{did_you_mean(s.id_backbone, ('dlib', 'arcface'))}")
-    if not (math.isfinite(s.truncation) and 0 <= s.truncation <= 1):
-        raise UsageError(f"--truncation must be a number in [0, 1] (got {s.truncation})", hint="0.7 is the papers' value; 1 turns truncation off")
+    check_truncation(s.truncation)
     if not 0 <= s.seed <= 2**63 - 1:  # sample i seeds torch with SEED + i: keep far from torch's 2**64 - 1
         raise UsageError(f"--seed must be between 0 and {2**63 - 1} (got {s.seed})")
     for name in s.clip_models or []:
@@ -157,6 +156,9 @@ def evaluate_inputs(
     domain: str | None = None,
     on_skip: Callable[[dict, str], None] = lambda skip, message: None,
     progress: Callable[[str, int, int], None] | None = None,
+    strengths: Sequence[float] = (1.0,),
+    blend: Sequence[tuple[str, float]] = (),
+    runs_root: Path = Path("runs"),
 ) -> EvalResult:
     """Measure every input of `paths` with `settings` and write the report to `report`.
 
@@ -168,6 +170,9 @@ def evaluate_inputs(
         domain: the domain of checkpoint files and folders.
         on_skip: called with each skipped input (see `resolve_inputs`).
         progress: `progress(label, done, total)` as batches finish.
+        strengths: `--strength`: each generator input at each style strength (`disney-s0.5`).
+        blend: `--blend` (name, weight) pairs: one more input, their blend (`render.blend`).
+        runs_root: where the blend's domain names find their runs.
 
     Raises:
         UsageError: bad settings, or nothing to evaluate.
@@ -176,7 +181,10 @@ def evaluate_inputs(
     check_settings(settings)
     check_output_folder(report, "--report")
     sweep_stale_temps(report)  # temporary files of an eval that was killed mid-write
-    items, skipped = resolve_inputs(paths, domain, report, on_skip)
+    items, skipped = resolve_inputs(paths, domain, report, on_skip) if paths or not blend else ([], [])
+    if blend:
+        items.append(blend_input(list(blend), runs_root, domain, report))
+    items = with_strengths(items, list(strengths))
     settings = settings_for(items, settings)
     if settings.reference is not None:
         from ipltool.images import find_images

@@ -10,6 +10,7 @@ sorted order (unpaired metrics only).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,11 +24,8 @@ from ipltool.domain import Domain, load_domain
 from ipltool.errors import DomainError, UsageError
 from ipltool.images import UnreadableImage, find_images, load_rgb
 from ipltool.models.stylegan2 import Generator, load_generator, load_source_generator
+from ipltool.render.latents import seed_w, seed_z, truncation_centre
 from ipltool.train.run import GENERATOR_NAME, RunDir
-
-#: Samples used for the truncation centre (its own seeded stream, like the run samples).
-MEAN_LATENT_SAMPLES = 4096
-
 
 class NotEvaluable(UsageError):
     """An `ipl eval` input that holds nothing to measure: a train-mapper run, an unfinished
@@ -71,7 +69,7 @@ class EvalInput:
         label: the column name (method for runs: `ipl`, `nada`, `ipl+custom`; else the name).
         name: unique name of the input (run folder name, file stem or folder name).
         domain: the domain (row), or None for a folder given without --domain.
-        kind: "run", "checkpoint" or "folder".
+        kind: "run", "checkpoint", "blend" (`--blend`) or "folder".
         path: what was given.
         cache_dir: where its features are cached.
         fingerprint: changes whenever what it renders or holds changes.
@@ -88,6 +86,8 @@ class EvalInput:
     smoke: bool = False
     files: list[Path] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    strength: float = 1.0  # style strength α of the adapted generator (render.blend)
+    blend: list[tuple[Path, float]] = field(default_factory=list)  # kind "blend": generator files and weights
     _target: Generator | None = None
     _source: Generator | None = None
     _means: dict[int, torch.Tensor] = field(default_factory=dict)  # truncation centre per seed
@@ -106,11 +106,22 @@ class EvalInput:
         """Load the generators (no-op for folders)."""
         if self.kind == "folder" or self._target is not None:
             return
-        generator_path = self.path / GENERATOR_NAME if self.kind == "run" else self.path
-        self._target = load_generator(generator_path).to(device).eval().requires_grad_(False)
+        from ipltool.render.blend import mixed_generator
+
         self._source = load_source_generator(self.domain.generator, device=device)
-        if (self._source.n_latent, self._source.style_dim) != (self._target.n_latent, self._target.style_dim):
-            raise UsageError(f"{self.path}: the adapted generator does not match its source generator {self.domain.generator!r}")
+        if self.kind == "blend":
+            terms = [(self._adapted(path, device), weight * self.strength) for path, weight in self.blend]
+            self._target = mixed_generator(self._source, terms, [str(path) for path, _ in self.blend])
+            return
+        target = self._adapted(self.path / GENERATOR_NAME if self.kind == "run" else self.path, device)
+        self._target = target if self.strength == 1 else mixed_generator(self._source, [(target, self.strength)], [str(self.path)])
+
+    def _adapted(self, path: Path, device: torch.device) -> Generator:
+        """An adapted generator file, checked to fit the source's W+ space."""
+        target = load_generator(path).to(device).eval().requires_grad_(False)
+        if (self._source.n_latent, self._source.style_dim) != (target.n_latent, target.style_dim):
+            raise UsageError(f"{path}: the adapted generator does not match its source generator {self.domain.generator!r}")
+        return target
 
     def batches(self, start: int, stop: int, batch: int, truncation: float, seed: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
         """Images `start`..`stop - 1` in batches: {"target": uint8, "source": uint8 (pairs only)}."""
@@ -122,14 +133,12 @@ class EvalInput:
         self.load(device)
         source, target = self._source, self._target
         if seed not in self._means:
-            self._means[seed] = _mean_latent(source, seed)
+            self._means[seed] = truncation_centre(source, seed)
         mean = self._means[seed]
         with torch.no_grad():
             for first in range(start, stop, batch):
                 indices = range(first, min(stop, first + batch))
-                z = torch.stack([torch.randn(source.style_dim, generator=torch.Generator().manual_seed(seed + i)) for i in indices]).to(device)
-                w = source.mapping(z)
-                w = mean + truncation * (w - mean)
+                w = seed_w(source, seed_z([seed + i for i in indices], source.style_dim), mean, truncation)
                 x_s, _ = source([w], input_is_latent=True, randomize_noise=False)
                 x_t, _ = target([w], input_is_latent=True, randomize_noise=False)
                 # to_uint8 would turn NaN into black pixels and measure them like any picture.
@@ -147,11 +156,6 @@ def _stack(pictures) -> torch.Tensor:
         first = pictures[0].size
         pictures = [p if p.size == first else p.resize(first) for p in pictures]
     return torch.stack([pil_to_tensor(p) for p in pictures])
-
-
-def _mean_latent(source: Generator, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=source.device).manual_seed(seed + 10**6)
-    return source.mean_latent(MEAN_LATENT_SAMPLES, generator=generator)
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -253,3 +257,55 @@ def folder_input(path: Path, files: list[Path], cache_dir: Path, domain: Domain 
     """An input streaming `files` (named after `path`); its fingerprint changes when any file changes."""
     listing = hashlib.sha256("\n".join(_file_fingerprint(p) for p in files).encode()).hexdigest()
     return EvalInput(path.name, path.name, domain, "folder", path, cache_dir, listing, files=files)
+
+
+def with_strengths(items: list[EvalInput], strengths: list[float]) -> list[EvalInput]:
+    """Each generator input at each style strength (`--strength`): `disney-s0.5` beside `disney`; folders once."""
+    from ipltool.render.blend import strength_label
+
+    out = []
+    for item in items:
+        if not item.paired:
+            out.append(item)
+            continue
+        for alpha in strengths:
+            if alpha == 1:
+                out.append(item)
+            else:
+                out.append(
+                    dataclasses.replace(
+                        item, name=strength_label(item.name, alpha), label=strength_label(item.label, alpha), strength=alpha,
+                        fingerprint=f"{item.fingerprint}|strength={alpha!r}", _target=None, _source=None, _means={},
+                    )
+                )
+    return out
+
+
+def blend_input(pairs: list[tuple[str, float]], runs_root: Path, domain_name: str | None, report_dir: Path) -> EvalInput:
+    """The `--blend NAME=WEIGHT ...` generator as one input, measured like a run.
+
+    Its domain (source generator and texts) is `--domain`, else that of the first blended run.
+
+    Raises:
+        UsageError: a name that names no adapted generator, or no domain to measure against.
+    """
+    from ipltool.render.blend import blend_label
+    from ipltool.render.generators import resolve_generator
+
+    refs = [resolve_generator(name, runs_root) for name, _ in pairs]
+    for ref in refs:
+        if ref.path is None:
+            raise UsageError(f"--blend {ref.label}: a source generator, not an adapted one")
+    if domain_name:
+        domain = load_domain(domain_name).resolved()
+    else:
+        run = next((ref.path.parent for ref in refs if (ref.path.parent / "config.toml").is_file()), None)
+        if run is None:
+            raise UsageError("--blend of files outside run folders needs --domain (its source generator and texts)")
+        domain, _ = RunDir.open(run).read()
+    label = blend_label([(ref.label, weight) for ref, (_, weight) in zip(refs, pairs)])
+    fingerprint = "|".join(f"{_file_fingerprint(ref.path)}*{weight!r}" for ref, (_, weight) in zip(refs, pairs))
+    return EvalInput(
+        label, label, domain, "blend", Path(label), report_dir / "cache", fingerprint,
+        smoke=any(ref.smoke for ref in refs), blend=[(ref.path, weight) for ref, (_, weight) in zip(refs, pairs)],
+    )
