@@ -24,6 +24,7 @@ from ipltool.commands import generate as generate_cmd
 from ipltool.commands import kernels as kernels_cmd
 from ipltool.commands import plugins as plugins_cmd
 from ipltool.commands import prompts as prompts_cmd
+from ipltool.commands import serve as serve_cmd
 from ipltool.commands import stylize as stylize_cmd
 from ipltool.commands import train_mapper as train_mapper_cmd
 from ipltool.devices import check_device_spec
@@ -84,6 +85,7 @@ app.command("stylize")(stylize_cmd.stylize)
 app.command("eval")(eval_cmd.eval_command)
 app.command("generate")(generate_cmd.generate)
 app.command("blend")(blend_cmd.blend)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(kernels_cmd.app, name="kernels")
 
 

@@ -206,7 +206,7 @@ def evaluate_inputs(
                 continue
             outcome.update(
                 name=item.name, label=item.label, domain=item.domain.name if item.domain else None,
-                kind=item.kind, path=str(item.path), samples=samples,
+                kind=item.kind, path=str(item.path), samples=samples, strength=item.strength,
             )
             results.append(outcome)
     if not results:
