@@ -266,3 +266,55 @@ def test_stylize_and_eval_take_strength_and_blend(runs, tmp_path, run_cli):
     assert code == 0, err
     names = [r["name"] for r in json.loads(stdout)["runs"]]
     assert len(names) == 2 and names[0].endswith("-s0.5") and names[1] == "blend-disney0.5-pixar-character0.5-s0.5"
+
+
+def test_a_stop_request_keeps_the_batches_done(source, tmp_path):
+    from ipltool.interrupt import StopRequest
+    from ipltool.render.generate import Column, RenderOptions, generate_pictures, seed_rows
+
+    stop = StopRequest()
+
+    def progress(done, total):
+        stop.requested = True  # as Ctrl-C during the first batch
+
+    columns = [Column("a", _adapted(source, 1), source, "tiny")]
+    result = generate_pictures(columns, seed_rows(range(6)), tmp_path, RenderOptions(batch=2), grid=True, on_progress=progress, stop=stop)
+    assert result.stopped and [p["row"] for p in result.written] == ["seed0000", "seed0001"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["seed0000.png", "seed0001.png"]
+    assert Image.open(tmp_path / "grid.png").size[1] < 400  # the grid of what was done: two rows
+
+
+def _read_back(path: Path) -> tuple[dict, list[np.ndarray]]:
+    """(meta, frames) of a video, decoded by imageio-ffmpeg, the library that wrote it."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(frame, np.uint8).reshape(height, width, 3) for frame in reader]
+    return meta, frames
+
+
+def test_interpolation_video_mp4_and_gif(runs, tmp_path, run_cli):
+    video = tmp_path / "walk.mp4"
+    args = ["generate", "-g", "disney", "-g", "pixar-character", "--source", "--runs", str(runs), "--interpolate", "0,3,7",
+            "--frames", "4", "--fps", "12", "--video", str(video)]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    meta, frames = _read_back(video)
+    assert len(frames) == 2 * 4 + 1 and meta["fps"] == 12
+    assert meta["codec"].startswith("h264")
+    width, height = meta["size"]
+    assert width > 3 * 128 and height >= 128  # three columns side by side, under their labels
+    # The first and last frames are seeds 0 and 7: the walk passes through its keys, and moves between them.
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1
+    # Again: a new file beside the old one.
+    code, _, err = run_cli(*args)
+    assert code == 0 and (tmp_path / "walk-2.mp4").is_file()
+    # A looping GIF in W: 2 keys x 3 frames, no repeated seam frame.
+    gif = tmp_path / "walk.gif"
+    code, _, err = run_cli("generate", "-g", "disney", "--runs", str(runs), "--interpolate", "0,3", "--frames", "3", "--loop",
+                           "--space", "w", "--video", str(gif))
+    assert code == 0, err
+    with Image.open(gif) as picture:
+        assert picture.n_frames == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -18,27 +19,27 @@ THEN = "then run the same command again (pictures already written are kept)"
 
 
 def generate(
-    generator: list[str] | None = typer.Option(None, "--generator", "-g", help="A domain (its newest finished run), a run folder, a generator .pt file or a registry generator (repeatable).", show_default=False),
-    seeds: str | None = typer.Option(None, "--seeds", help="Seeds and ranges: 0-63, 1,5,9 (default: --n from --seed)."),
-    n: int | None = typer.Option(None, "--n", help="Render N seeds from --seed (default 8)."),
+    generator: Optional[list[str]] = typer.Option(None, "--generator", "-g", help="A domain (its newest finished run), a run folder, a generator .pt file or a registry generator (repeatable).", show_default=False),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds and ranges: 0-63, 1,5,9 (default: --n from --seed)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Render N seeds from --seed (default 8)."),
     seed: int = typer.Option(0, "--seed", help="First seed of --n, and the seed of the truncation centre (as `ipl eval --seed`)."),
-    latents: list[Path] | None = typer.Option(None, "--latents", help="Render saved W+ codes (files or the latents/ folder of `ipl stylize --save-latents`) instead of seeds."),
+    latents: Optional[list[Path]] = typer.Option(None, "--latents", help="Render saved W+ codes (files or the latents/ folder of `ipl stylize --save-latents`) instead of seeds."),
     truncation: float = typer.Option(0.7, "--truncation", help="Truncation ψ towards the source generator's mean w (1: off)."),
     source: bool = typer.Option(False, "--source", help="Also render the source generator (the first column)."),
     grid: bool = typer.Option(False, "--grid", help="Also write grid.png: a row per seed, a column per generator, with headers (the paper's figure)."),
     strength: str = typer.Option("1", "--strength", help="Style strength α: weights θ_s + α(θ_t − θ_s); a list renders a strip, e.g. 0,0.5,1 (0: source, >1: exaggerated)."),
-    blend: list[str] | None = typer.Option(None, "--blend", help="NAME=WEIGHT (repeat): one generator mixing adapted generators of one source, e.g. --blend disney=0.5 --blend pixar=0.5."),
-    source_generator: str | None = typer.Option(None, "--source-generator", help="Source generator of .pt files outside run folders (registry name or file), for --source, --strength and --blend."),
-    interpolate: str | None = typer.Option(None, "--interpolate", help="Make a latent-walk video through these seeds, e.g. 0,3,7,0."),
+    blend: Optional[list[str]] = typer.Option(None, "--blend", help="NAME=WEIGHT (repeat): one generator mixing adapted generators of one source, e.g. --blend disney=0.5 --blend pixar=0.5."),
+    source_generator: Optional[str] = typer.Option(None, "--source-generator", help="Source generator of .pt files outside run folders (registry name or file), for --source, --strength and --blend."),
+    interpolate: Optional[str] = typer.Option(None, "--interpolate", help="Make a latent-walk video through these seeds, e.g. 0,3,7,0."),
     frames: int = typer.Option(60, "--frames", help="Video frames from one seed to the next."),
     fps: float = typer.Option(30.0, "--fps", help="Video frame rate."),
     loop: bool = typer.Option(False, "--loop", help="Walk back from the last seed to the first, for a seamless loop."),
     space: str = typer.Option("z", "--space", help="z: spherical interpolation of z codes; w: linear interpolation of truncated w codes."),
-    video: Path | None = typer.Option(None, "--video", help="Video file of --interpolate: .mp4 (H.264) or .gif (default OUT/walk.mp4)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Video file of --interpolate: .mp4 (H.264) or .gif (default OUT/walk.mp4)."),
     out: Path = typer.Option(Path("generated"), "--out", "-o", help="Output folder: OUT/<generator>/seed0042.png, OUT/grid.png."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where `ipl adapt` wrote its runs (for domain names)."),
     batch: int = typer.Option(8, "--batch", min=1, help="Pictures per generator call."),
-    precision: str | None = precision_option(),
+    precision: Optional[str] = precision_option(),
     json_output: bool = console.json_option("Print what was written as JSON."),
 ) -> None:
     """Render pictures, comparison grids and latent-walk videos from adapted generators.

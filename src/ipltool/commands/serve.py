@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -34,11 +35,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; think before you do)."),
     port: int = typer.Option(7860, "--port", min=1, max=65535, help="Port to listen on."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Runs folder: listed, and where adaptations started from the page go."),
-    generators: Path | None = typer.Option(None, "--generators", help="A folder of generator .pt files to offer as well."),
-    reports: list[Path] | None = typer.Option(None, "--report", help="`ipl eval` report folders whose numbers the Runs tab shows (repeatable)."),
-    work: Path | None = typer.Option(None, "--work", help="Folder for per-session files (default: a temporary folder, removed at exit)."),
+    generators: Optional[Path] = typer.Option(None, "--generators", help="A folder of generator .pt files to offer as well."),
+    reports: Optional[list[Path]] = typer.Option(None, "--report", help="`ipl eval` report folders whose numbers the Runs tab shows (repeatable)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for per-session files (default: a temporary folder, removed at exit)."),
     encoder: str = typer.Option("e4e", "--encoder", "-e", help="Encoder for stylize."),
-    auth: str | None = typer.Option(None, "--auth", help="USER:PASSWORD required to open the page."),
+    auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASSWORD required to open the page."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random models: the whole page works without any weights."),
 ) -> None:
     """Open the web studio: stylize photos, explore generators, start and watch adaptations, browse runs.
