@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from ipltool.errors import UsageError
+
 gradio = pytest.importorskip("gradio", reason="the serve extra (gradio) is not installed")
 from gradio_client import Client, handle_file
 
@@ -131,8 +133,10 @@ def test_interpolation_is_a_looping_gif(served):
     walk = client.predict(0, 1, [_key(studio)], 0.7, 4, api_name="/interpolate")
     with Image.open(walk) as picture:
         assert picture.n_frames == 8  # 4 frames there, 4 back
-    with pytest.raises(Exception, match="frames"):
+    with pytest.raises(Exception, match="maximum value 60"):
         client.predict(0, 1, [_key(studio)], 0.7, 500, api_name="/interpolate")
+    with pytest.raises(UsageError, match="frames"):  # the studio's own check, for scripts that bypass the slider
+        studio.interpolate(0, 1, [_key(studio)], 0.7, 500)
 
 
 def test_adapt_validate_start_watch_and_stop(served):
