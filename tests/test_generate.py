@@ -295,7 +295,8 @@ def _read_back(path: Path) -> tuple[dict, list[np.ndarray]]:
     return meta, frames
 
 
-def test_interpolation_video_mp4_and_gif(runs, tmp_path, run_cli):
+def test_interpolation_video_mp4_and_gif(runs, tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     video = tmp_path / "walk.mp4"
     args = ["generate", "-g", "disney", "-g", "pixar-character", "--source", "--runs", str(runs), "--interpolate", "0,3,7",
             "--frames", "4", "--fps", "12", "--video", str(video)]
@@ -318,3 +319,4 @@ def test_interpolation_video_mp4_and_gif(runs, tmp_path, run_cli):
     assert code == 0, err
     with Image.open(gif) as picture:
         assert picture.n_frames == 6
+    assert not (tmp_path / "generated").exists()  # --video elsewhere: no output folder made

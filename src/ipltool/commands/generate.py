@@ -80,18 +80,19 @@ def generate(
         check_walk(walk)
     elif video is not None:
         raise UsageError("--video writes the walk of --interpolate: add --interpolate SEEDS")
-    check_output_folder(out, "--out")
+    target = (video or out / "walk.mp4") if walk is not None else None
+    check_output_folder(target.parent if target else out, "--video" if video else "--out")
     device = resolve_device(console.options.device)
     options = RenderOptions(truncation=truncation, centre_seed=seed, batch=batch, precision=Precision.of(precision, device))
     columns = plan_columns(list(generator or []), runs, device, strengths, blend_pairs, source, source_generator)
     for column in columns:
         console.info(f"[dim]{console.escape(column.label)}: {console.escape(column.origin)}[/]")
 
-    with exclusive(out, "generate", "--out"), write_failures(out, "--out", THEN), graceful_stop() as stop:
-        if walk is not None:
-            with track(None, "video", unit="frame") as update:
-                result = interpolation_video(columns, walk, video or out / "walk.mp4", options, lambda done, total: update(done, total=total), stop)
-        else:
+    if target is not None:  # a new file under a free name: no folder lock needed
+        with write_failures(target.parent, "--video" if video else "--out", THEN), graceful_stop() as stop, track(None, "video", unit="frame") as update:
+            result = interpolation_video(columns, walk, target, options, lambda done, total: update(done, total=total), stop)
+    else:
+        with exclusive(out, "generate", "--out"), write_failures(out, "--out", THEN), graceful_stop() as stop:
             rows = latent_rows(list(latents)) if latents else seed_rows(parse_seeds(seeds) if seeds is not None else seed_range(n or 8, seed))
             with track(len(rows), "generate", unit="row") as update:
                 result = generate_pictures(columns, rows, out, options, grid=grid, on_progress=lambda done, total: update(done), stop=stop)
