@@ -163,4 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    if "torch" in sys.modules:  # a torchrun process group, if the command joined one, is left cleanly
+        from ipltool.distributed import finish
+
+        finish()
+    sys.exit(code)

@@ -29,7 +29,21 @@ def resolve_device(spec: str = "auto"):
     """
     import torch
 
+    from ipltool import distributed
+
     value = check_device_spec(spec)
+    w = distributed.world()
+    if w.distributed and value in ("auto", "cuda") and torch.cuda.is_available():
+        # Under torchrun each process takes the GPU of its local rank.
+        value = f"cuda:{w.local_rank}"
+    device = _resolve(value)
+    distributed.init(device)
+    return device
+
+
+def _resolve(value: str):
+    import torch
+
     if value == "auto":
         if torch.cuda.is_available():
             return _checked(torch.device("cuda"))

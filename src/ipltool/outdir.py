@@ -139,9 +139,14 @@ def exclusive(folder: Path, command: str, flag: str) -> Iterator[None]:
     """
     from filelock import FileLock, Timeout  # here: only the writing commands need it
 
+    from ipltool.distributed import world
+
     folder.mkdir(parents=True, exist_ok=True)
-    owner = folder / f".ipl-{command}.owner"
-    lock = FileLock(str(folder / f".ipl-{command}.lock"))
+    w = world()
+    # The ranks of one torchrun run share the folder (each writes its own part): a lock per rank.
+    name = f".ipl-{command}" + (f".rank{w.rank}" if w.distributed else "")
+    owner = folder / f"{name}.owner"
+    lock = FileLock(str(folder / f"{name}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:

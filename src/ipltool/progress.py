@@ -65,7 +65,12 @@ def interval_seconds() -> float:
 
 
 def _draws_bar() -> bool:
-    """True when stderr is an interactive terminal, the one place where rich redraws a bar in place."""
+    """True when stderr is an interactive terminal, the one place where rich redraws a bar in place,
+    and this is rank 0 of a torchrun run (the other ranks print plain lines with their rank)."""
+    from ipltool.distributed import world
+
+    if not world().main:
+        return False
     try:
         return bool(console.err.file.isatty()) and console.err.is_interactive
     except (AttributeError, ValueError):  # a stream without isatty, or a closed one
@@ -229,6 +234,11 @@ class Reporter:
             task.pending = None
 
     def _write(self, line: str) -> None:
+        from ipltool.distributed import world
+
+        w = world()
+        if w.distributed:  # several ranks share one terminal or log: say whose line it is
+            line = f"[rank {w.rank}] {line}"
         stream = self._stream or console.err.file
         stream.write(line + "\n")
         stream.flush()  # a log file read with `tail -f` sees the line now, not when a buffer fills

@@ -35,7 +35,7 @@ def _parse_metrics(text: str) -> list[str]:
 def eval_command(
     inputs: Optional[list[Path]] = typer.Argument(None, help="`ipl adapt` run folders, generator .pt files (with --domain) or image folders.", show_default=False),
     metrics: str = typer.Option(",".join(METRICS), "--metrics", "-m", help="Comma-separated: " + ", ".join(METRICS) + "."),
-    n: Optional[int] = typer.Option(None, "--n", min=2, help="Samples per metric (default: 5000 IS/FID/KID, 100 SIFID, 500 SCS, 1000 ID/CLIP/diversity)."),
+    n: Optional[int] = typer.Option(None, "--n", "--samples", min=2, help="Samples per metric (default: 5000 IS/FID/KID, 100 SIFID, 500 SCS, 1000 ID/CLIP/diversity)."),
     seed: int = typer.Option(0, help="Sample i uses latent seed SEED + i (the same pairs for every run)."),
     truncation: float = typer.Option(0.7, help="Truncation ψ towards the source generator's mean w."),
     batch: int = typer.Option(8, min=1, help="Images per generator and network call."),
@@ -100,6 +100,10 @@ def eval_command(
             progress=lambda name, done, total: progress.update(f"eval {name}", done, total),
             strengths=strengths, blend=blend_pairs, runs_root=runs,
         )
+    from ipltool.distributed import world
+
+    if not world().main:  # rank 0 reports for the run
+        raise typer.Exit(0 if outcome.complete else 1)
     if console.wants_json(json_output):
         console.print_json({"report": {k: str(v) for k, v in outcome.report.items()}, "runs": outcome.results, "skipped": outcome.skipped})
     else:

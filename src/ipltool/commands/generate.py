@@ -110,6 +110,10 @@ def _seed_items(text: str) -> list[str]:
 
 
 def _summary(result) -> None:
+    from ipltool.distributed import world
+
+    if not world().main:  # rank 0 reports for the run
+        return
     if console.wants_json():
         console.print_json(result.as_dict())
         return

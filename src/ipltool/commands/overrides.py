@@ -28,9 +28,9 @@ CLIP_HELP = "CLIP model of the loss as MODEL[:PRETRAINED][=WEIGHT], e.g. ViT-B/1
 # The flags every training command shares, defined once (typer reads them as defaults).
 
 
-def domain_option():
+def domain_option(help_text: str = "Domain name (`ipl prompts list`) or .toml file."):
     """`--domain/-d NAME_OR_FILE`."""
-    return typer.Option(None, "--domain", "-d", help="Domain name (`ipl prompts list`) or .toml file.")
+    return typer.Option(None, "--domain", "-d", help=help_text)
 
 
 def clip_option():

@@ -20,6 +20,7 @@ import torch
 from ipltool import console
 from ipltool.atomic import atomic_torch_save
 from ipltool.checkpoints import read_feature_cache
+from ipltool.distributed import all_gather, world
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
@@ -169,25 +170,34 @@ class Evaluator:
         if missing:
             start = min(have for have, _ in missing.values())
             stop = max(n for _, n in missing.values())
+            # Under torchrun each rank renders one contiguous block of sample indices; the blocks
+            # are gathered in rank order, so every rank holds the rows a single process makes.
+            w = world()
+            block = -(-(stop - start) // w.size)
+            mine = (min(stop, start + w.rank * block), min(stop, start + (w.rank + 1) * block))
             new: dict[tuple[str, str], list[dict]] = {key: [] for key in missing}
-            position = start
-            for images_by_side in item.batches(start, stop, batch, self.settings.truncation, self.settings.seed, self.device):
+            position = mine[0]
+            batches = item.batches(mine[0], mine[1], batch, self.settings.truncation, self.settings.seed, self.device) if mine[0] < mine[1] else ()
+            for images_by_side in batches:
                 size = images_by_side["target"].shape[0]
                 for key, (have, n) in missing.items():
                     lo, hi = max(have, position), min(n, position + size)
                     if lo < hi:
                         images = images_by_side[key[1]][lo - position : hi - position].to(self.device)
-                        new[key].append(self.extractor(key[0])(images))
+                        new[key].append({name: rows.cpu() for name, rows in self.extractor(key[0])(images).items()})
                 position += size
-                self.progress(item.name, position - start, stop - start)
+                self.progress(item.name, position - mine[0], mine[1] - mine[0])
+            if w.distributed:
+                new = {key: [part for parts in all_gather(new[key]) for part in parts] for key in missing}
             for key, parts in new.items():
                 merged = loaded[key]["features"]
                 for name in parts[0] if parts else ():
                     rows = torch.cat([p[name] for p in parts])
                     merged[name] = torch.cat([merged[name], rows]) if name in merged else rows
                 loaded[key] = {"n": wanted[key], "features": merged}
-                paths[key].parent.mkdir(parents=True, exist_ok=True)
-                atomic_torch_save(loaded[key], paths[key])
+                if w.main:  # one writer of the shared cache
+                    paths[key].parent.mkdir(parents=True, exist_ok=True)
+                    atomic_torch_save(loaded[key], paths[key])
         return {key: {name: rows[: wanted[key]] for name, rows in value["features"].items()} for key, value in loaded.items()}
 
     def reference_features(self, extractor_name: str, files: list[Path], cache_dir: Path) -> dict[str, torch.Tensor]:

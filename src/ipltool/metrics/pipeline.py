@@ -14,9 +14,16 @@ from pathlib import Path
 
 from ipltool import console
 from ipltool.atomic import atomic_write_bytes, sweep_stale_temps
+from ipltool.distributed import world
 from ipltool.errors import CheckpointError, IplError, UsageError, did_you_mean
 from ipltool.metrics.evaluate import NONFINITE_REASON, Evaluator, Settings
-from ipltool.metrics.sampling import EvalInput, NotEvaluable, blend_input, resolve_input, with_strengths
+from ipltool.metrics.sampling import (
+    EvalInput,
+    NotEvaluable,
+    blend_input,
+    resolve_input,
+    with_strengths,
+)
 from ipltool.outdir import check_output_folder, write_failures
 from ipltool.report import write_report
 
@@ -198,7 +205,7 @@ def evaluate_inputs(
         for item in items:
             try:
                 outcome = evaluator.evaluate(item, report)
-                samples = sample_grid(item, settings, device, report)
+                samples = sample_grid(item, settings, device, report) if world().main else None
             except (NotEvaluable, CheckpointError) as err:  # e.g. a generator rendering NaN pixels: this input only
                 reason = err.reason if isinstance(err, NotEvaluable) else err.message
                 skipped.append({"path": str(item.path), "reason": reason})
@@ -219,6 +226,8 @@ def evaluate_inputs(
         "sifid_refs": [str(p) for p in settings.sifid_refs], "sifid_layer": settings.sifid_layer, "scs_edge": settings.scs_edge,
         "id_backbone": settings.id_backbone,
     }
-    with write_failures(report, "--report", THEN):
-        files = write_report(report, results, record)
+    files = {}
+    if world().main:  # under torchrun every rank holds every feature; rank 0 writes the report
+        with write_failures(report, "--report", THEN):
+            files = write_report(report, results, record)
     return EvalResult(results, skipped, nonfinite, files)

@@ -12,6 +12,7 @@ written as `seed0042-2.png`; one with the same content is left as it is ("unchan
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -382,11 +383,14 @@ def generate_pictures(
         on_progress: `on_progress(rows done, rows)` after each batch.
         stop: when requested between batches, the call returns with what is written and `stopped` set.
     """
+    from ipltool.distributed import all_gather, shard, world
+
     result = GenerateResult([c.label for c in columns], len(rows))
     renderer = Renderer(columns, options)
     start = time.perf_counter()
     grid_rows: list[list[Image.Image]] = []
     done = 0
+    all_rows, rows = rows, shard(rows)  # under torchrun: every size-th row from this rank's position
     for first in range(0, len(rows), options.batch):
         batch = rows[first : first + options.batch]
         images = renderer.render(batch)
@@ -405,7 +409,16 @@ def generate_pictures(
         if stop is not None and stop.requested and done < len(rows):
             result.stopped = True
             break
-    if grid and grid_rows:
+    w = world()
+    if w.distributed:  # rank 0 reports (and draws the grid of) every rank's rows, in the order given
+        parts = all_gather((result.written, [[png_bytes(p) for p in line] for line in grid_rows], rows[: len(grid_rows)], result.stopped))
+        order = {row.name: i for i, row in enumerate(all_rows)}
+        result.written = sorted((r for part in parts for r in part[0]), key=lambda r: order[r["row"]])
+        lines = sorted(((row, line) for part in parts for row, line in zip(part[2], part[1])), key=lambda pair: order[pair[0].name])
+        grid_rows = [[Image.open(io.BytesIO(data)) for data in line] for _, line in lines]
+        rows = [row for row, _ in lines]
+        result.stopped = any(part[3] for part in parts)
+    if grid and grid_rows and w.main:
         from ipltool.figures import grid_figure
 
         figure = grid_figure(grid_rows, tile_size(columns), row_labels=[row.name for row in rows[: len(grid_rows)]], column_labels=result.columns)
