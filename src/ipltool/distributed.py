@@ -87,6 +87,17 @@ def shard(items: Sequence[T], w: World | None = None) -> list[T]:
     return list(items[w.rank :: w.size])
 
 
+def block(total: int, batch: int, w: World | None = None) -> tuple[int, int]:
+    """This rank's contiguous part `(start, stop)` of `total` items processed in batches of `batch`.
+
+    Parts are whole batches, so each batch a rank runs is exactly a batch of a single
+    process: the results are the same numbers, not only the same within rounding.
+    """
+    w = w or world()
+    size = -(-(-(-total // batch)) // w.size) * batch  # batches per rank, rounded up, in items
+    return min(total, w.rank * size), min(total, (w.rank + 1) * size)
+
+
 def all_gather(obj: Any) -> list[Any]:
     """`obj` of every rank, in rank order (a list of one outside torchrun)."""
     w = world()

@@ -20,7 +20,7 @@ import torch
 from ipltool import console
 from ipltool.atomic import atomic_torch_save
 from ipltool.checkpoints import read_feature_cache
-from ipltool.distributed import all_gather, world
+from ipltool.distributed import all_gather, block, world
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
@@ -172,9 +172,11 @@ class Evaluator:
             stop = max(n for _, n in missing.values())
             # Under torchrun each rank renders one contiguous block of sample indices; the blocks
             # are gathered in rank order, so every rank holds the rows a single process makes.
+            # Blocks are whole batches, so every batch is the one a single process renders (the
+            # same numbers, not only the same within rounding).
             w = world()
-            block = -(-(stop - start) // w.size)
-            mine = (min(stop, start + w.rank * block), min(stop, start + (w.rank + 1) * block))
+            lo, hi = block(stop - start, batch, w)
+            mine = (start + lo, start + hi)
             new: dict[tuple[str, str], list[dict]] = {key: [] for key in missing}
             position = mine[0]
             batches = item.batches(mine[0], mine[1], batch, self.settings.truncation, self.settings.seed, self.device) if mine[0] < mine[1] else ()

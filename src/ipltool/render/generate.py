@@ -383,14 +383,15 @@ def generate_pictures(
         on_progress: `on_progress(rows done, rows)` after each batch.
         stop: when requested between batches, the call returns with what is written and `stopped` set.
     """
-    from ipltool.distributed import all_gather, shard, world
+    from ipltool.distributed import all_gather, block, world
 
     result = GenerateResult([c.label for c in columns], len(rows))
     renderer = Renderer(columns, options)
     start = time.perf_counter()
     grid_rows: list[list[Image.Image]] = []
     done = 0
-    all_rows, rows = rows, shard(rows)  # under torchrun: every size-th row from this rank's position
+    lo, hi = block(len(rows), options.batch)  # under torchrun: this rank's whole batches of rows
+    all_rows, rows = rows, rows[lo:hi]
     for first in range(0, len(rows), options.batch):
         batch = rows[first : first + options.batch]
         images = renderer.render(batch)
