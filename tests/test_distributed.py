@@ -104,3 +104,69 @@ def test_progress_lines_name_their_rank(monkeypatch):
         reporter.add("stylize", 2)
         reporter.update("stylize", 2)
     assert stream.getvalue().startswith("[rank 1] stylize  photo 2/2")
+
+
+def _photos(folder: Path, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir()
+    face = data.astronaut()
+    for i in range(count):
+        Image.fromarray(np.roll(face, 5 * i, axis=1)).save(folder / f"p{i:02d}.png")
+    Image.new("RGB", (160, 160), (90, 90, 90)).save(folder / "zz-grey.png")  # no face: recorded, not fatal
+    return folder
+
+
+def test_stylize_under_torchrun_equals_one_process_file_for_file(root):
+    photos = _photos(root / "photos-a", 5)
+    args = ["stylize", str(photos), "--smoke", "-d", "disney", "--paste-back", "--save-latents", "--batch", "2"]
+    one = _ipl(root, *args, "--out", "one-st")
+    two = _ipl(root, "--json", *args, "--out", "two-st", ranks=2)
+    assert one.returncode == two.returncode == 1  # the grey picture has no face
+    summary = json.loads(two.stdout)  # rank 0's summary counts every rank's photos
+    assert summary["counts"]["ok"] == 5 and summary["counts"]["no face"] == 1 and summary["photos"] == 6
+    files = sorted(p.relative_to(root / "one-st").as_posix() for p in (root / "one-st").rglob("*") if p.is_file() and not p.name.startswith((".", "contact-sheet")))
+    assert "pasted/disney/p04.png" in files and "latents/p00.pt" in files
+    for name in files:
+        if name.endswith(".pt"):
+            import torch
+
+            assert torch.equal(torch.load(root / "one-st" / name)["w_plus"], torch.load(root / "two-st" / name)["w_plus"]), name
+        elif name != "manifest.jsonl":
+            assert (root / "two-st" / name).read_bytes() == (root / "one-st" / name).read_bytes(), name
+    lines = [json.loads(line) for line in (root / "two-st" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in lines] == [json.loads(line)["name"] for line in (root / "one-st" / "manifest.jsonl").read_text().splitlines()]
+    assert not list((root / "two-st").glob("manifest.rank*"))  # merged by rank 0
+
+
+def test_a_killed_torchrun_stylize_resumes_with_another_rank_count(root):
+    import signal
+    import time
+
+    photos = _photos(root / "photos-b", 40)
+    out = root / "killed"
+    args = ["stylize", str(photos), "--smoke", "-d", "disney", "--batch", "1", "--out", str(out)]
+    command = [TORCHRUN, "--standalone", "--nproc-per-node=2", "--no-python", "ipl", *args]
+    process = subprocess.Popen(command, cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    part = out / "manifest.rank1.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if part.is_file() and len(part.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # every rank at once, mid-run
+    process.wait()
+    parts = sorted(out.glob("manifest.rank*.jsonl"))
+    assert parts, "the run ended before it could be killed"
+    finished = {json.loads(line)["input"] for p in parts for line in p.read_text().splitlines() if line.strip().endswith("}")}
+    assert 3 <= len(finished) < 41
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "aligned").iterdir()}
+    again = _ipl(root, "--json", *args, "--skip-existing", ranks=3)
+    assert again.returncode in (0, 1), again.stderr  # 1 when zz-grey (no face) is among the photos this run did
+    summary = json.loads(again.stdout)
+    assert summary["skipped"] >= len(finished) and summary["processed"] + summary["skipped"] == 41
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path.stem in {Path(i).stem for i in finished})  # not redone
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 41 and not list(out.glob("manifest.rank*"))

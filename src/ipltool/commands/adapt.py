@@ -8,15 +8,7 @@ from typing import Optional
 import typer
 
 from ipltool import console
-from ipltool.commands.overrides import (
-    apply_flags,
-    clip_option,
-    domain_option,
-    runs_option,
-    save_every_option,
-    set_option,
-    smoke_option,
-)
+from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
 from ipltool.commands.resume import continue_run
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError

@@ -52,16 +52,7 @@ def generate(
     |   ipl generate -g disney -g pixar --interpolate 0,3,7 --loop --video walk.mp4   |   ipl generate --blend disney=0.5 --blend pixar=0.5 --n 4
     """
     from ipltool.render.blend import parse_blend, parse_number_list
-    from ipltool.render.generate import (
-        RenderOptions,
-        WalkOptions,
-        check_walk,
-        generate_pictures,
-        interpolation_video,
-        latent_rows,
-        plan_columns,
-        seed_rows,
-    )
+    from ipltool.render.generate import RenderOptions, WalkOptions, check_walk, generate_pictures, interpolation_video, latent_rows, plan_columns, seed_rows
     from ipltool.render.latents import check_truncation
     from ipltool.render.seeds import parse_seeds, seed_range
 

@@ -105,7 +105,11 @@ def stylize(
 
 
 def _summary(result: StylizeResult, json_output: bool) -> None:
+    from ipltool.distributed import world
     from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE
+
+    if not world().main:  # rank 0 reports for every rank of a torchrun run
+        return
 
     stylizer, kept, total, seconds, layout, sheets = result.stylizer, result.kept, result.total, result.seconds, result.layout, result.sheets
     counts = stylizer.counts

@@ -114,25 +114,54 @@ def record_outputs(record: dict) -> list[str]:
 
 
 class Manifest:
-    """`manifest.jsonl`: read at start (for --skip-existing), appended one line per input."""
+    """`manifest.jsonl`: read at start (for --skip-existing), appended one line per input.
 
-    def __init__(self, layout: Layout):
+    Under torchrun each rank appends to its own part, `manifest.rank<k>.jsonl`, and rank 0
+    merges the parts into `manifest.jsonl` when all are done (`merge_parts`). Reading takes
+    the parts a killed run left too, so a restart, with any number of ranks, skips what
+    any rank finished.
+
+    Args:
+        layout: the output folder.
+        part: this rank's part (None: `manifest.jsonl` itself).
+    """
+
+    def __init__(self, layout: Layout, part: int | None = None):
         self.layout = layout
-        self.path = layout.manifest
+        self.path = layout.manifest if part is None else layout.root / f"manifest.rank{part}.jsonl"
+
+    def parts(self) -> list[Path]:
+        """The rank parts present in the folder, by rank."""
+        def rank(path: Path) -> int:
+            digits = path.name[len("manifest.rank") : -len(".jsonl")]
+            return int(digits) if digits.isdigit() else -1
+
+        return sorted(self.layout.root.glob("manifest.rank*.jsonl"), key=rank)
 
     def read(self) -> dict[str, dict]:
-        """Earlier lines by input path; the last line of an input wins, broken lines are dropped."""
+        """Earlier lines by input path (the manifest, then any rank parts); the last line of an input wins, broken lines are dropped."""
         records: dict[str, dict] = {}
-        if not self.path.is_file():
-            return records
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(record, dict) and isinstance(record.get("input"), str):
-                records[record["input"]] = record
+        for path in [self.layout.manifest, *self.parts()]:
+            if not path.is_file():
+                continue
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if isinstance(record, dict) and isinstance(record.get("input"), str):
+                    records[record["input"]] = record
         return records
+
+    def merge_parts(self, order: list[str]) -> None:
+        """Rank 0, after every rank finished: the parts become `manifest.jsonl`, lines in `order` (input paths), and go away."""
+        records = self.read()
+        ranked = {path: i for i, path in enumerate(order)}
+        lines = sorted(records.values(), key=lambda r: ranked.get(r["input"], len(ranked)))
+        atomic_write_text(self.layout.manifest, "".join(json.dumps(r) + "\n" for r in lines))
+        for part in self.parts():
+            with contextlib.suppress(OSError):
+                part.unlink()
 
     def start(self, kept: list[dict]) -> None:
         """Begin a run: the manifest holds exactly the `kept` lines (skipped inputs)."""
@@ -195,10 +224,11 @@ class ContactSheet:
     names: list[str] = field(default_factory=list)
     page: int = 0
     written: list[str] = field(default_factory=list)
+    prefix: str = "contact-sheet"  # `contact-sheet-rank<k>` under torchrun: ranks number their own pages
 
     def __post_init__(self) -> None:
         # Continue numbering after pages an earlier run wrote into the same folder.
-        existing = sorted(self.layout.root.glob("contact-sheet-*.png"))
+        existing = sorted(self.layout.root.glob(f"{self.prefix}-*.png"))
         numbers = [int(p.stem.rsplit("-", 1)[1]) for p in existing if p.stem.rsplit("-", 1)[1].isdigit()]
         self.page = max(numbers, default=0)
 
@@ -215,6 +245,6 @@ class ContactSheet:
             return
         sheet = grid_figure(self.rows, SHEET_THUMB, row_labels=self.names, column_labels=self.headers)
         self.page += 1
-        path = self.layout.root / f"contact-sheet-{self.page:03d}.png"
+        path = self.layout.root / f"{self.prefix}-{self.page:03d}.png"
         self.written.append(self.layout.write(path, png_bytes(sheet)))
         self.rows, self.names = [], []

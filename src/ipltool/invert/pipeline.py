@@ -9,13 +9,15 @@ that fails is recorded in the manifest and the run goes on.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ipltool import console
-from ipltool.errors import UsageError, did_you_mean
 from ipltool.atomic import sweep_stale_temps
+from ipltool.distributed import all_gather, barrier, block, world
+from ipltool.errors import UsageError, did_you_mean
 from ipltool.interrupt import StopRequest
 from ipltool.invert.inputs import Photo
 from ipltool.invert.outputs import ERROR, FINAL, OK, Layout, Manifest, is_done
@@ -139,12 +141,21 @@ def stylize_photos(
         UsageError: another stylize holds `out`, or it cannot be written (the message
             says how to continue).
     """
+    w = world()
+    everyone = photos
+    if w.distributed:
+        # Each rank takes a contiguous run of whole groups of the photos in the order given (the
+        # command line's, folders sorted by name): the same share after a restart, and the same
+        # groups as one process, so every output file is the same file.
+        lo, hi = block(len(photos), options.batch, w)
+        photos = photos[lo:hi]
     with exclusive(out, "stylize", "--out"), write_failures(out, "--out", THEN):
-        sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
+        if w.main:
+            sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
         layout = Layout(out)
-        manifest = Manifest(layout)
         labels = [t.label for t in targets]
-        earlier = manifest.read() if skip_existing else {}
+        earlier = Manifest(layout).read() if skip_existing else {}
+        barrier()  # every rank has read the earlier manifest and parts before any rank starts its own part
         kept, todo = [], []
         for photo in photos:
             record = earlier.get(str(photo.path))
@@ -152,8 +163,8 @@ def stylize_photos(
                 kept.append(record)
             else:
                 todo.append(photo)
-        manifest.start(kept)
         stylizer = Stylizer(inverter, targets, layout, options, device, detector)
+        stylizer.manifest.start(kept)
         if kept:
             console.info(f"--skip-existing: {len(kept)} of {len(photos)} photos already done")
         start = time.perf_counter()
@@ -167,4 +178,24 @@ def stylize_photos(
                 stopped = True
                 break
         sheets = stylizer.finish()
-    return StylizeResult(stylizer, kept, len(photos), len(todo), time.perf_counter() - start, layout, sheets, stopped)
+        result = StylizeResult(stylizer, kept, len(photos), len(todo), time.perf_counter() - start, layout, sheets, stopped)
+        if w.distributed:
+            _merge_ranks(result, everyone)
+    return result
+
+
+def _merge_ranks(result: StylizeResult, photos: list[Photo]) -> None:
+    """After every rank's share: rank 0 merges the manifest parts; every rank's result counts for the whole run."""
+    parts = all_gather((dict(result.stylizer.counts), result.stylizer.faces_done, result.kept, result.total, result.todo, result.sheets, result.stopped, result.seconds))
+    if world().main:
+        result.stylizer.manifest.merge_parts([str(photo.path) for photo in photos])
+    barrier()  # the merged manifest exists before any rank reports
+    result.stylizer.counts = Counter()
+    for counts, *_ in parts:
+        result.stylizer.counts.update(counts)
+    result.stylizer.faces_done = sum(part[1] for part in parts)
+    result.kept = [record for part in parts for record in part[2]]
+    result.total, result.todo = sum(part[3] for part in parts), sum(part[4] for part in parts)
+    result.sheets = [sheet for part in parts for sheet in part[5]]
+    result.stopped = any(part[6] for part in parts)
+    result.seconds = max(part[7] for part in parts)  # the run took as long as its slowest rank

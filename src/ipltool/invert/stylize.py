@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ipltool.atomic import atomic_torch_save
+from ipltool.distributed import world
 from ipltool.errors import UsageError, first_line
 from ipltool.images import UnreadableImage, load_rgb, to_pil, to_tensor
 from ipltool.invert.inputs import Photo
@@ -106,8 +107,10 @@ class Stylizer:
         self.options = options
         self.device = device
         self.detector = detector
-        self.manifest = Manifest(layout)
-        self.sheet = ContactSheet(layout, headers=["aligned", "reconstruction", *(target.label for target in targets)])
+        w = world()
+        self.manifest = Manifest(layout, part=w.rank if w.distributed else None)
+        headers = ["aligned", "reconstruction", *(target.label for target in targets)]
+        self.sheet = ContactSheet(layout, headers=headers, prefix=f"contact-sheet-rank{w.rank}" if w.distributed else "contact-sheet")
         self.counts: Counter[str] = Counter()
         self.faces_done = 0
 

@@ -17,13 +17,7 @@ from ipltool.atomic import atomic_write_bytes, sweep_stale_temps
 from ipltool.distributed import world
 from ipltool.errors import CheckpointError, IplError, UsageError, did_you_mean
 from ipltool.metrics.evaluate import NONFINITE_REASON, Evaluator, Settings
-from ipltool.metrics.sampling import (
-    EvalInput,
-    NotEvaluable,
-    blend_input,
-    resolve_input,
-    with_strengths,
-)
+from ipltool.metrics.sampling import EvalInput, NotEvaluable, blend_input, resolve_input, with_strengths
 from ipltool.outdir import check_output_folder, write_failures
 from ipltool.report import write_report
 

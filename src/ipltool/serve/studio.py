@@ -208,11 +208,7 @@ class Studio:
         Raises:
             UsageError: bad seeds, frames or key.
         """
-        from ipltool.render.generate import (
-            RenderOptions,
-            WalkOptions,
-            interpolation_video,
-        )
+        from ipltool.render.generate import RenderOptions, WalkOptions, interpolation_video
         from ipltool.render.latents import check_truncation
 
         check_truncation(truncation)
