@@ -170,3 +170,19 @@ def test_a_killed_torchrun_stylize_resumes_with_another_rank_count(root):
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path.stem in {Path(i).stem for i in finished})  # not redone
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == 41 and not list(out.glob("manifest.rank*"))
+
+
+def test_a_failing_rank_names_what_it_held(monkeypatch, capsys, tmp_path):
+    from ipltool.invert.inputs import Photo
+    from ipltool.invert.pipeline import stylize_photos
+    from ipltool.invert.stylize import StylizeOptions
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    photos = [Photo(tmp_path / f"p{i}.png", f"p{i}") for i in range(5)]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(OSError):  # the output folder cannot be made: fails before any collective call
+        stylize_photos(photos, blocked, None, [], StylizeOptions(batch=2), "cpu", detector=None)
+    err = capsys.readouterr().err
+    assert "rank 1 of 2 failed" in err and "photos 5..5 of 5" in err and "p4.png" in err

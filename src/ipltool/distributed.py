@@ -110,6 +110,15 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def report_failure(what: str) -> None:
+    """On a rank that fails, say which inputs it held (call from an `except` block, then re-raise)."""
+    w = world()
+    if w.distributed:
+        from ipltool import console
+
+        console.err.print(f"[bold red]rank {w.rank} of {w.size} failed[/]; it held {console.escape(what)}")
+
+
 def barrier() -> None:
     """Wait for every rank (nothing outside torchrun)."""
     if world().distributed:

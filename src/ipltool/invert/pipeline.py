@@ -16,7 +16,7 @@ from typing import Callable
 
 from ipltool import console
 from ipltool.atomic import sweep_stale_temps
-from ipltool.distributed import all_gather, barrier, block, world
+from ipltool.distributed import all_gather, barrier, block, report_failure, world
 from ipltool.errors import UsageError, did_you_mean
 from ipltool.interrupt import StopRequest
 from ipltool.invert.inputs import Photo
@@ -149,6 +149,17 @@ def stylize_photos(
         # groups as one process, so every output file is the same file.
         lo, hi = block(len(photos), options.batch, w)
         photos = photos[lo:hi]
+    try:
+        return _stylize_share(photos, everyone, out, inverter, targets, options, device, detector, skip_existing, on_progress, stop)
+    except BaseException:
+        held = f"photos {lo + 1}..{hi} of {len(everyone)} ({photos[0].path} .. {photos[-1].path})" if w.distributed and photos else "no photos"
+        report_failure(held)
+        raise
+
+
+def _stylize_share(photos, everyone, out, inverter, targets, options, device, detector, skip_existing, on_progress, stop) -> StylizeResult:
+    """`stylize_photos` for this rank's `photos` (all of them outside torchrun)."""
+    w = world()
     with exclusive(out, "stylize", "--out"), write_failures(out, "--out", THEN):
         if w.main:
             sweep_stale_temps(out)  # temporary files of a run that was killed mid-write
