@@ -21,7 +21,7 @@ THEN = "then run the same command again (pictures already written are kept)"
 def generate(
     generator: Optional[list[str]] = typer.Option(None, "--generator", "-g", help="A domain (its newest finished run), a run folder, a generator .pt file or a registry generator (repeatable).", show_default=False),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds and ranges: 0-63, 1,5,9 (default: --n from --seed)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Render N seeds from --seed (default 8)."),
+    n: Optional[int] = typer.Option(None, "--n", "--count", help="Render N seeds from --seed (default 8; spelled --count under torchrun, which takes --n... for itself)."),
     seed: int = typer.Option(0, "--seed", help="First seed of --n, and the seed of the truncation centre (as `ipl eval --seed`)."),
     latents: Optional[list[Path]] = typer.Option(None, "--latents", help="Render saved W+ codes (files or the latents/ folder of `ipl stylize --save-latents`) instead of seeds."),
     truncation: float = typer.Option(0.7, "--truncation", help="Truncation ψ towards the source generator's mean w (1: off)."),
