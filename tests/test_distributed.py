@@ -186,3 +186,20 @@ def test_a_failing_rank_names_what_it_held(monkeypatch, capsys, tmp_path):
         stylize_photos(photos, blocked, None, [], StylizeOptions(batch=2), "cpu", detector=None)
     err = capsys.readouterr().err
     assert "rank 1 of 2 failed" in err and "photos 5..5 of 5" in err and "p4.png" in err
+
+
+def test_videos_under_torchrun_are_split_and_reported_once(root):
+    from test_video_stylize import moving_face  # the synthetic moving-face clip of the video tests
+
+    from ipltool.video import probe, write_video
+
+    clips = root / "clips"
+    clips.mkdir()
+    for name in ("a", "b"):
+        write_video(clips / f"{name}.mp4", moving_face(6), 6.0)
+    done = _ipl(root, "--json", "stylize", str(clips / "a.mp4"), str(clips / "b.mp4"), "--smoke", "-d", "disney", "--out", "vids", ranks=2)
+    assert done.returncode == 0, done.stderr
+    videos = json.loads(done.stdout)["videos"]
+    assert [v["name"] for v in videos] == ["a", "b"] and {v["status"] for v in videos} == {"ok"}
+    for name in ("a", "b"):
+        assert probe(root / "vids" / name / "disney.mp4").frames == 6

@@ -42,6 +42,11 @@ def stylize(
     save_latents: bool = typer.Option(False, "--save-latents", help="Save the W+ codes to latents/<name>.pt."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip photos the manifest in --out already records as done."),
     batch: int = typer.Option(4, "--batch", min=1, help="Faces per encoder and generator call."),
+    frames_folder: Optional[list[Path]] = typer.Option(None, "--frames-folder", help="Videos: a folder of frames (pictures in name order) stylized as one video (repeatable)."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.01, help="Videos: frame rate of --frames-folder (default 30); a video file keeps its own."),
+    smooth: float = typer.Option(2.0, "--smooth", min=0.0, help="Videos: temporal smoothing of the face landmarks, Gaussian sigma in frames (0: none)."),
+    no_smooth: bool = typer.Option(False, "--no-smooth", help="Videos: align each frame on its own landmarks (same as --smooth 0)."),
+    warm_steps: int = typer.Option(2, "--warm-steps", min=0, help="Videos with a restyle-* encoder: passes of a frame started from the previous frame's code (0: every frame from the average code)."),
     precision: Optional[str] = precision_option(),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny random encoder and generators with the real face alignment: an install check."),
     json_output: bool = console.json_option("Print the summary as JSON."),
@@ -53,19 +58,29 @@ def stylize(
     (stylized/<domain>/). manifest.jsonl gets one line per photo; a photo that fails is
     recorded there and the run goes on. Exit code 1 when any photo failed.
 
-    Examples: ipl stylize photos/ --domain disney --out out/   |   ipl stylize photos/ --domain disney --smoke --out /tmp/check
+    Videos (.mp4 .mov .webm .mkv .avi .m4v, or --frames-folder) go frame by frame: the
+    face's landmarks are smoothed over time, each frame is stylized and pasted back, and
+    OUT/<video>/<domain>.mp4 is encoded at the source frame rate with its audio
+    (docs/video.md). Ctrl-C, then --skip-existing, resumes by frame.
+
+    Examples: ipl stylize photos/ --domain disney --out out/   |   ipl stylize photos/ --domain disney --smoke --out /tmp/check   |   ipl stylize clip.mp4 -d disney --out out/
     """
     # The encoders and generators import torch: loaded here, so `ipl stylize --help` stays instant.
     from ipltool.invert.inputs import check_output_dir, collect_photos
     from ipltool.invert.pipeline import check_face_flags, encoder_options, load_inverter, stylize_photos
     from ipltool.invert.stylize import StylizeOptions
     from ipltool.invert.targets import load_targets, mix_options, plan_targets
+    from ipltool.invert.video import check_video_flags, check_video_output, split_inputs, video_inputs
     from ipltool.train.setup import SMOKE_NOTE
 
     check_face_flags(faces, paste_mask, no_align, paste_back, landmarks)
     options = encoder_options(encoder, restyle_steps, restyle_extra_pass)
-    photo_list = collect_photos(list(photos or []), from_list)
-    check_output_dir(out, photo_list, list(photos or []))
+    photo_specs, video_files = split_inputs(list(photos or []))
+    videos = video_inputs(video_files, list(frames_folder or []), fps)
+    check_video_flags(videos, no_align, faces, fps, list(frames_folder or []))
+    photo_list = collect_photos(photo_specs, from_list) if photo_specs or from_list or not videos else []
+    check_output_dir(out, photo_list, photo_specs)
+    check_video_output(out, videos)
     check_output_folder(out, "--out")
     registry.require("encoders", encoder)
     planned = plan_targets(list(generator or []), list(domain or []), runs, smoke)
@@ -89,22 +104,39 @@ def stylize(
         all_faces=faces == "all", align=not no_align, paste_back=paste_back, paste_mask=paste_mask,
         save_latents=save_latents, batch=batch, minmax=minmax, precision=run_precision,
     )
-    with graceful_stop() as stop, track(None, "stylize", unit="photo") as update:
-        result = stylize_photos(
-            photo_list, out, inverter, targets, options, device, detector, skip_existing,
-            on_progress=lambda done, total, **counts: update(done, total=total, **counts), stop=stop,
-        )
-    _summary(result, json_output)
-    if result.stopped:
+    result = None
+    if photo_list:
+        with graceful_stop() as stop, track(None, "stylize", unit="photo") as update:
+            result = stylize_photos(
+                photo_list, out, inverter, targets, options, device, detector, skip_existing,
+                on_progress=lambda done, total, **counts: update(done, total=total, **counts), stop=stop,
+            )
+    video_results = []
+    if videos and not (result is not None and result.stopped):
+        from ipltool.invert.video import VideoOptions
+
+        video_options = VideoOptions(smooth=0.0 if no_smooth else smooth, warm_steps=warm_steps, paste_mask=paste_mask, batch=batch, precision=run_precision)
+        video_results = _stylize_videos(videos, out, inverter, targets, video_options, device, detector, skip_existing)
+    if result is not None:
+        _summary(result, json_output, videos=[v.to_dict() for v in video_results] if videos else None)
+    if videos:
+        _video_summary(video_results, out, json_output, with_photos=result is not None)
+    if result is not None and result.stopped:
         raise Interrupted(
             f"stopped after {sum(result.stylizer.counts.values())} of {result.todo} photos; the manifest records them",
             hint="run the same command with --skip-existing to continue",
         )
-    if result.failed:
+    stopped = next((v for v in video_results if v.status == "stopped"), None)
+    if stopped is not None:
+        raise Interrupted(
+            f"stopped after frame {stopped.done + stopped.skipped} of {stopped.frames} of {stopped.input}; the finished frames are kept",
+            hint="run the same command with --skip-existing to continue",
+        )
+    if (result is not None and result.failed) or any(v.status == "error" for v in video_results):
         raise typer.Exit(1)
 
 
-def _summary(result: StylizeResult, json_output: bool) -> None:
+def _summary(result: StylizeResult, json_output: bool, videos: list[dict] | None = None) -> None:
     from ipltool.distributed import world
     from ipltool.invert.outputs import ERROR, FINAL, NO_FACE, OK, UNREADABLE
 
@@ -128,6 +160,8 @@ def _summary(result: StylizeResult, json_output: bool) -> None:
         "contact_sheets": sheets,
         "precision": stylizer.options.precision.name,
     }
+    if videos is not None:  # a run with videos too: one JSON document for both
+        summary["videos"] = videos
     if console.wants_json(json_output):
         console.print_json(summary)
         return
@@ -143,3 +177,40 @@ def _summary(result: StylizeResult, json_output: bool) -> None:
     console.out.print(f"outputs: {console.escape(layout.root)}   manifest: {console.escape(layout.manifest)}")
     if any(counts[s] for s in (NO_FACE, UNREADABLE, ERROR)):
         console.out.print(f"[dim]failed photos and their errors: grep -v '\"status\": \"ok\"' {console.escape(layout.manifest)}[/]")
+
+
+def _stylize_videos(videos, out, inverter, targets, options, device, detector, skip_existing: bool) -> list:
+    """Run the video path with per-frame progress and Ctrl-C handling; returns the `VideoResult`s."""
+    from ipltool.invert.video import stylize_videos
+
+    with graceful_stop() as stop, track(None, "video", unit="frame") as update:
+        return stylize_videos(
+            videos, out, inverter, targets, options, device, detector, skip_existing,
+            on_progress=lambda done, total, **fields: update(done, total=total, **fields), stop=stop,
+        )
+
+
+def _video_summary(results: list, out: Path, json_output: bool, with_photos: bool) -> None:
+    """One row per video: frames, faces, frames done and kept, time per frame, the videos written."""
+    from ipltool.distributed import world
+
+    if not world().main:  # rank 0 reports for every rank of a torchrun run
+        return
+    rows = [r.to_dict() for r in results]
+    if console.wants_json(json_output):
+        if not with_photos:  # else they are in the photos' JSON summary
+            console.print_json({"out": str(out), "videos": rows})
+        return
+    table = Table(title=f"stylize: {len(rows)} video(s)")
+    for column in ("video", "status", "frames", "faces", "done", "kept", "s/frame", "outputs"):
+        table.add_column(column, justify="right" if column in ("frames", "faces", "done", "kept", "s/frame") else "left")
+    for row in rows:
+        style = {"ok": "green", "stopped": "yellow"}.get(row["status"], "red")
+        per_frame = f"{row['seconds_per_frame']:.3f}" if row["seconds_per_frame"] else "-"
+        outputs = ", ".join(row["outputs"].values()) or console.escape(row["error"] or "-")
+        table.add_row(
+            console.escape(row["name"]), f"[{style}]{row['status']}[/]", str(row["frames"]), str(row["faces"]),
+            str(row["done"]), str(row["skipped"]), per_frame, console.escape(outputs),
+        )
+    console.out.print(table)
+    console.out.print(f"outputs: {console.escape(out)}   manifests: {console.escape(out)}/<video>/manifest.json")

@@ -46,7 +46,11 @@ class Inverter(nn.Module):
 
     Attributes:
         name, input_size, n_latent, style_dim, encoder_type, decoder, latent_avg, opts.
+        warm_start: whether `invert` takes `init` (a code to refine) and `steps`, as
+            ReStyle's does; the video path then starts each frame from the previous one.
     """
+
+    warm_start = False
 
     def __init__(
         self,
@@ -156,7 +160,7 @@ class SinglePassInverter(Inverter):
 
 
 class ReStyleInverter(Inverter):
-    """ReStyle: iterative refinement starting from the average code.
+    """ReStyle: iterative refinement starting from the average code (or a given one: `invert(init=...)`).
 
     Steps:
     1. Once per inverter, `avg_img = pool(decode(latent_avg))` (cached; `clear_cache()` drops it).
@@ -174,6 +178,8 @@ class ReStyleInverter(Inverter):
             whose code is returned without being decoded (6 passes for steps=5).
         (others as `Inverter`; `latent_avg` is required.)
     """
+
+    warm_start = True  # `invert` takes `init` and `steps`
 
     def __init__(
         self,
@@ -213,16 +219,34 @@ class ReStyleInverter(Inverter):
         return self.avg_image
 
     @torch.no_grad()
-    def invert(self, images: torch.Tensor, return_steps: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    def invert(
+        self,
+        images: torch.Tensor,
+        return_steps: bool = False,
+        init: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Refined W+ codes (B, n_latent, style_dim) of (B, 3, input_size, input_size) images in [-1, 1].
 
-        With `return_steps`, returns `(codes, [code after each pass])`: `steps` codes, or
-        `steps + 1` with `extra_pass`.
+        Args:
+            images: the aligned faces.
+            return_steps: also return the code after each pass: `steps` codes, or
+                `steps + 1` with `extra_pass`.
+            init: (B or 1, n_latent, style_dim) codes to refine instead of the average code
+                (a warm start, e.g. the previous frame's code of a video): step 2 then starts
+                from `w = init`, `prev = pool(decode(init))`, adding every delta to it.
+            steps: passes of this call (default `self.steps`); a warm start needs fewer.
         """
         x = self._check_images(images)
-        passes = self.steps + (1 if self.extra_pass else 0)
-        prev = self.average_image().expand(x.shape[0], -1, -1, -1)
-        w = self.latent_avg.expand(x.shape[0], -1, -1)
+        passes = (self.steps if steps is None else steps) + (1 if self.extra_pass else 0)
+        if passes < 1:
+            raise UsageError(f"ReStyle needs at least one pass, got steps={steps}")
+        if init is None:
+            prev = self.average_image().expand(x.shape[0], -1, -1, -1)
+            w = self.latent_avg.expand(x.shape[0], -1, -1)
+        else:
+            w = init.to(x.device, torch.float32).expand(x.shape[0], -1, -1)
+            prev = self.pool(self.decode(w))
         codes = []
         for k in range(passes):
             w = w + self.encoder(torch.cat([x, prev], dim=1))
