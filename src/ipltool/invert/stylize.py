@@ -75,7 +75,7 @@ def _picture(image: torch.Tensor, minmax: bool) -> Image.Image:
     return to_pil(image)
 
 
-def _render(generator, codes: torch.Tensor, batch: int, precision: Precision = FP32) -> torch.Tensor:
+def render_codes(generator, codes: torch.Tensor, batch: int, precision: Precision = FP32) -> torch.Tensor:
     """`codes` (N, n_latent, D) through `generator` with its constant noise, in batches; (N, 3, H, W) float32 on the CPU."""
     out = []
     for chunk in codes.split(batch):
@@ -245,9 +245,9 @@ class Stylizer:
                 code = self.inverter.invert(chunk.to(self.device))
             codes.append(code.float())  # the generators and --save-latents get float32 codes
         codes = torch.cat(codes)
-        rendered = {"reconstruction": _render(self.inverter.decoder, codes, batch, precision)}
+        rendered = {"reconstruction": render_codes(self.inverter.decoder, codes, batch, precision)}
         for target in self.targets:
-            rendered[target.label] = _render(target.generator, codes, batch, precision)
+            rendered[target.label] = render_codes(target.generator, codes, batch, precision)
         return codes.cpu(), rendered
 
     def _write(self, item: PreparedPhoto, codes: torch.Tensor, rendered: dict[str, torch.Tensor]) -> None:

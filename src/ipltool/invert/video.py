@@ -39,7 +39,7 @@ from ipltool.images import to_tensor
 from ipltool.interrupt import StopRequest
 from ipltool.invert.align import align_face, paste_back
 from ipltool.invert.smoothing import DEFAULT_MAX_GAP, DEFAULT_SIGMA, smooth_track
-from ipltool.invert.stylize import _render
+from ipltool.invert.stylize import render_codes
 from ipltool.invert.targets import Target
 from ipltool.outdir import exclusive, write_failures
 from ipltool.precision import FP32, Precision
@@ -340,7 +340,7 @@ class _FrameStylizer:
         if not torch.isfinite(codes).all():
             raise NonFiniteError(f"the {self.inverter.name} encoder made a W+ code with NaN or infinite values", hint="check its weights")
         for label, generator in self.generators.items():
-            rendered = _render(generator, codes, self.options.batch, self.options.precision)
+            rendered = render_codes(generator, codes, self.options.batch, self.options.precision)
             if not torch.isfinite(rendered).all():
                 raise NonFiniteError(f"generator {label!r} rendered NaN or infinite pixels", hint="check its weights")
             for row, (k, aligned) in enumerate(faces):
