@@ -20,7 +20,7 @@ import torch
 from ipltool import console
 from ipltool.atomic import atomic_torch_save
 from ipltool.checkpoints import read_feature_cache
-from ipltool.distributed import all_gather, block, world
+from ipltool.distributed import all_gather, block, report_failure, world
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
@@ -178,17 +178,12 @@ class Evaluator:
             lo, hi = block(stop - start, batch, w)
             mine = (start + lo, start + hi)
             new: dict[tuple[str, str], list[dict]] = {key: [] for key in missing}
-            position = mine[0]
             batches = item.batches(mine[0], mine[1], batch, self.settings.truncation, self.settings.seed, self.device) if mine[0] < mine[1] else ()
-            for images_by_side in batches:
-                size = images_by_side["target"].shape[0]
-                for key, (have, n) in missing.items():
-                    lo, hi = max(have, position), min(n, position + size)
-                    if lo < hi:
-                        images = images_by_side[key[1]][lo - position : hi - position].to(self.device)
-                        new[key].append({name: rows.cpu() for name, rows in self.extractor(key[0])(images).items()})
-                position += size
-                self.progress(item.name, position - mine[0], mine[1] - mine[0])
+            try:
+                self._render_features(item, batches, missing, mine, new)
+            except BaseException:
+                report_failure(f"samples {mine[0]}..{mine[1] - 1} of {item.name}")
+                raise
             if w.distributed:
                 new = {key: [part for parts in all_gather(new[key]) for part in parts] for key in missing}
             for key, parts in new.items():
@@ -201,6 +196,19 @@ class Evaluator:
                     paths[key].parent.mkdir(parents=True, exist_ok=True)
                     atomic_torch_save(loaded[key], paths[key])
         return {key: {name: rows[: wanted[key]] for name, rows in value["features"].items()} for key, value in loaded.items()}
+
+    def _render_features(self, item: EvalInput, batches, missing: dict, mine: tuple[int, int], new: dict) -> None:
+        """Features of the samples `mine` (this rank's block) for every missing need, appended to `new`."""
+        position = mine[0]
+        for images_by_side in batches:
+            size = images_by_side["target"].shape[0]
+            for key, (have, n) in missing.items():
+                lo, hi = max(have, position), min(n, position + size)
+                if lo < hi:
+                    images = images_by_side[key[1]][lo - position : hi - position].to(self.device)
+                    new[key].append(self.extractor(key[0])(images))
+            position += size
+            self.progress(item.name, position - mine[0], mine[1] - mine[0])
 
     def reference_features(self, extractor_name: str, files: list[Path], cache_dir: Path) -> dict[str, torch.Tensor]:
         """Features of reference pictures (FID/KID set, SIFID references), cached like an input."""
