@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from chromium import REQUIRED, headless_chromium, needs_chromium
 from PIL import Image
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-# CI sets it (.ci/run installs chromium): there a missing browser is a failure, not a skip.
-REQUIRED = os.environ.get("IPL_REQUIRE_BROWSER", "") not in ("", "0")
 
 if not REQUIRED:
     pytest.importorskip("torch_fidelity", reason="the eval extra (torch-fidelity) is not installed")
-pytestmark = pytest.mark.skipif(
-    not REQUIRED and not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-    reason="needs Debian's chromium and chromedriver: apt-get install chromium chromium-driver",
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +23,10 @@ def report_dir(tmp_path_factory, make_smoke_runs, ipl_at) -> Path:
 
 
 @pytest.fixture
-def browser(tmp_path, monkeypatch):
-    """Headless chromium driven through Debian's chromedriver (no driver download, no network)."""
-    if REQUIRED:
-        from selenium import webdriver
-    else:
-        webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000",
-    ):
-        options.add_argument(argument)
-    monkeypatch.setenv("SE_AVOID_STATS", "true")  # should Selenium Manager run at all, it must not phone home
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+def browser(tmp_path):
+    """Headless chromium (see tests/chromium.py)."""
+    with headless_chromium(tmp_path / "profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_report_page_shows_the_metrics_table_and_every_image(report_dir, browser, tmp_path):

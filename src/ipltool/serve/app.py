@@ -53,7 +53,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     def refresh():
         choices = generator_choices()
         first = [choices[0][1]] if choices else []
-        return gr.Dropdown(choices=choices, value=first), gr.Dropdown(choices=choices, value=first), gr.Dropdown(choices=run_choices())
+        return gr.Dropdown(choices=choices, value=first), gr.Dropdown(choices=choices, value=first), gr.Dropdown(choices=run_choices()), runs_table()
 
     @_safe
     def stylize(photo, keys, strength, request: gr.Request = None):
@@ -103,7 +103,8 @@ def build_app(studio: Studio) -> gr.Blocks:
         details = studio.run_details(key)
         return details["config"], details["samples"], json.dumps(details["metrics"], indent=1) if details["metrics"] else "no `ipl eval` numbers for this run yet"
 
-    with gr.Blocks(title="ipltool studio") as app:
+    # No telemetry or version check (the studio works offline); Gradio's copies of files older than an hour go.
+    with gr.Blocks(title="ipltool studio", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(INTRO)
         with gr.Tab("Stylize"):
             with gr.Row():
@@ -117,10 +118,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                     message = gr.Markdown(elem_id="stylize-message")
                 with gr.Column():
                     with gr.Row():
-                        aligned = gr.Image(label="Aligned face", interactive=False, elem_id="aligned")
-                        reconstruction = gr.Image(label="Reconstruction", interactive=False, elem_id="reconstruction")
-                    stylized = gr.Gallery(label="Stylized", columns=3, elem_id="stylized")
-                    pasted = gr.Gallery(label="Pasted back", columns=3, elem_id="pasted")
+                        aligned = gr.Image(label="Aligned face", interactive=False, height=220, elem_id="aligned")
+                        reconstruction = gr.Image(label="Reconstruction", interactive=False, height=220, elem_id="reconstruction")
+                    stylized = gr.Gallery(label="Stylized", columns=3, height=260, elem_id="stylized")
+                    pasted = gr.Gallery(label="Pasted back", columns=3, height=260, elem_id="pasted")
                     downloads = gr.File(label="Downloads", file_count="multiple", elem_id="downloads")
             stylize_button.click(stylize, [photo, stylize_keys, strength], [message, aligned, reconstruction, stylized, pasted, downloads], api_name="stylize")
         with gr.Tab("Explore"):
@@ -170,13 +171,13 @@ def build_app(studio: Studio) -> gr.Blocks:
             runs = gr.Dataframe(runs_table(), headers=["run", "domain", "stage", "method", "steps", "finished", "smoke"], interactive=False, elem_id="runs")
             with gr.Row():
                 run_key = gr.Dropdown(run_choices(), allow_custom_value=True, label="Run", elem_id="run")
-                runs_refresh = gr.Button("Refresh")
+                runs_refresh = gr.Button("Refresh", elem_id="runs-refresh")
             config = gr.Code(label="config.toml", elem_id="run-config")
             samples = gr.Gallery(label="Sample grids", columns=2, elem_id="run-samples")
             metrics = gr.Code(label="ipl eval", language="json", elem_id="run-metrics")
             run_key.change(show_run, run_key, [config, samples, metrics], api_name="run_details")
             runs_refresh.click(runs_table, None, runs, api_name="runs")
-        refresh_button.click(refresh, None, [stylize_keys, explore_keys, run_key], api_name="refresh")
+        refresh_button.click(refresh, None, [stylize_keys, explore_keys, run_key, runs], api_name="refresh")
     return app
 
 

@@ -8,6 +8,7 @@ that use them hold one lock, so two requests never share a batch on the device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ MAX_UPLOAD_MB = 20
 MAX_EXPLORE_SEEDS = 16
 #: Target sets (generators at a strength) kept loaded.
 TARGET_CACHE = 4
+#: Seconds a request's result files are kept in the work folder.
+KEEP_RESULTS = 3600
 
 
 @dataclass
@@ -96,11 +99,21 @@ class Studio:
         return [catalog.lookup(available, key, "generator") for key in dict.fromkeys(keys)]
 
     def session_dir(self, session: str) -> Path:
-        """The temporary folder of one browser session (created; a safe name whatever `session` holds)."""
+        """The temporary folder of one browser session (created; a safe name whatever `session` holds).
+
+        Results older than `KEEP_RESULTS` seconds, of any session, are removed on the way:
+        a long-running server keeps an hour of files, not everything it ever made.
+        """
         import hashlib
+        import time
 
         folder = self.work / hashlib.sha256(session.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - KEEP_RESULTS
+        for result in self.work.glob("*/*-*"):
+            with contextlib.suppress(OSError):
+                if result.is_dir() and result.stat().st_mtime < cutoff:
+                    shutil.rmtree(result, ignore_errors=True)
         return folder
 
     # -- stylize ---------------------------------------------------------------
@@ -168,9 +181,11 @@ class Studio:
             result = stylize_photos([Photo(photo, "photo")], folder / "out", inverter, targets, options, self.device, self._load_detector())
         record = result.stylizer.manifest.read().get(str(photo), {})
         out = folder / "out"
+        if record.get("status") == "no face":  # the manifest's reason names the server's temporary path: not shown
+            return StylizeView("No face found in this photo: try a photo where the face is larger, frontal and well lit")
         if record.get("status") != OK:
-            reason = record.get("error") or record.get("status") or "nothing was written"
-            return StylizeView(f"No face found in this photo: {reason}" if record.get("status") == "no face" else f"Could not stylize this photo: {reason}")
+            reason = str(record.get("error") or record.get("status") or "nothing was written").replace(str(folder), "upload")
+            return StylizeView(f"Could not stylize this photo: {reason}")
         face = record["outputs"][0]
         view = StylizeView(
             f"{record['faces']} face(s) found; showing the largest", record["faces"], str(out / face["aligned"]), str(out / face["reconstruction"]),
@@ -280,7 +295,14 @@ class Studio:
                 samples = sorted((run / "samples").glob("*.png")) if (run / "samples").is_dir() else []
                 grid = str(samples[-1]) if samples else None
                 break
-        return [job.as_dict() for job in jobs], grid
+        rows = []
+        for job in jobs:
+            row = job.as_dict()
+            if row["run"] is None and job.state == "running":
+                run = self._run_of(job)
+                row["run"] = run.name if run is not None else None
+            rows.append(row)
+        return rows, grid
 
     def _run_of(self, job) -> Path | None:
         """The run folder a running job writes (the newest of its domain started after it)."""
