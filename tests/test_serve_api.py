@@ -180,3 +180,31 @@ def test_a_stopped_job_saves_its_state_like_ctrl_c(served):
     assert studio.jobs.wait_idle(60)
     assert job.state == "stopped" and "ipl adapt --resume" in job.message
     assert job.run is not None and (job.run / "state.pt").is_file()
+
+
+def test_random_seeds_are_four_seeds_the_explore_tab_takes(served):
+    client, studio, _ = served
+    from ipltool.render.seeds import parse_seeds
+
+    seeds = parse_seeds(client.predict(api_name="/random_seeds"))
+    assert 1 <= len(seeds) <= 4 and all(0 <= s < 100_000 for s in seeds)
+
+
+def test_auth_and_host_warning(served, tmp_path, run_cli):
+    from ipltool.commands.serve import _auth, _loopback
+    from ipltool.serve.app import launch
+
+    _, studio, _ = served
+    assert _loopback("127.0.0.1") and _loopback("localhost") and _loopback("::1") and not _loopback("0.0.0.0")
+    assert _auth("me:se:cret") == ("me", "se:cret")
+    code, _, err = run_cli("serve", "--auth", "nocolon")
+    assert code == 2 and "USER:PASSWORD" in err
+    port = _free_port()
+    app = launch(studio, port=port, auth=("me", "secret"), block=False)
+    try:
+        with pytest.raises(Exception, match="credentials were not provided"):
+            Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/random_seeds")
+        client = Client(f"http://127.0.0.1:{port}/", auth=("me", "secret"), verbose=False)
+        assert client.predict(api_name="/random_seeds")
+    finally:
+        app.close()

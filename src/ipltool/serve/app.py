@@ -65,6 +65,11 @@ def build_app(studio: Studio) -> gr.Blocks:
     def explore(seeds, keys, truncation, strength, request: gr.Request = None):
         return studio.explore(str(seeds), keys, float(truncation), float(strength), _session(request))
 
+    def random_seeds():
+        import secrets
+
+        return ",".join(str(secrets.randbelow(100_000)) for _ in range(4))
+
     @_safe
     def interpolate(first, second, keys, truncation, frames, request: gr.Request = None):
         return studio.interpolate(int(first), int(second), keys, float(truncation), int(frames), _session(request))
@@ -128,7 +133,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     explore_keys = gr.Dropdown(generator_choices(), multiselect=True, allow_custom_value=True, label="Generators", elem_id="explore-generators")
-                    seeds = gr.Textbox("0-3", label=f"Seeds (0-3, 1,5,9; at most {MAX_EXPLORE_SEEDS})", elem_id="seeds")
+                    with gr.Row():
+                        seeds = gr.Textbox("0-3", label=f"Seeds (0-3, 1,5,9; at most {MAX_EXPLORE_SEEDS})", elem_id="seeds", scale=3)
+                        dice = gr.Button("Random seeds", elem_id="random-seeds", scale=1)
                     truncation = gr.Slider(0, 1, value=0.7, step=0.05, label="Truncation ψ")
                     explore_strength = gr.Slider(0, 2, value=1, step=0.05, label="Style strength")
                     explore_button = gr.Button("Render", variant="primary", elem_id="explore-button")
@@ -140,6 +147,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     grid = gr.Image(label="Source and each generator, a row per seed", interactive=False, elem_id="grid")
                     walk = gr.Image(label="Interpolation (loops)", interactive=False, elem_id="walk")
+            dice.click(random_seeds, None, seeds, api_name="random_seeds").then(explore, [seeds, explore_keys, truncation, explore_strength], grid, api_visibility="private")
             explore_button.click(explore, [seeds, explore_keys, truncation, explore_strength], grid, api_name="explore")
             walk_button.click(interpolate, [first, second, explore_keys, truncation, frames], walk, api_name="interpolate")
         with gr.Tab("Adapt"):
