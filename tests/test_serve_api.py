@@ -208,3 +208,10 @@ def test_auth_and_host_warning(served, tmp_path, run_cli):
         assert client.predict(api_name="/random_seeds")
     finally:
         app.close()
+
+
+def test_every_page_action_is_an_api_endpoint(served):
+    client, _, _ = served
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    expected = {"/stylize", "/explore", "/interpolate", "/random_seeds", "/domain_text", "/validate", "/start_adapt", "/stop_adapt", "/jobs", "/run_details", "/runs", "/refresh"}
+    assert expected <= names, expected - names

@@ -147,8 +147,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Column():
                     grid = gr.Image(label="Source and each generator, a row per seed", interactive=False, elem_id="grid")
                     walk = gr.Image(label="Interpolation (loops)", interactive=False, elem_id="walk")
-            dice.click(random_seeds, None, seeds, api_name="random_seeds").then(explore, [seeds, explore_keys, truncation, explore_strength], grid, api_visibility="private")
             explore_button.click(explore, [seeds, explore_keys, truncation, explore_strength], grid, api_name="explore")
+            dice.click(random_seeds, None, seeds, api_name="random_seeds").then(
+                explore, [seeds, explore_keys, truncation, explore_strength], grid, api_name="explore_random", api_visibility="private"
+            )
             walk_button.click(interpolate, [first, second, explore_keys, truncation, frames], walk, api_name="interpolate")
         with gr.Tab("Adapt"):
             from ipltool.domain import discover_domains
