@@ -8,11 +8,11 @@ screenshot goes to a temporary folder and the repository is left alone.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 
+import bench
 import pytest
 from chromium import headless_chromium, needs_chromium
 from PIL import Image
@@ -31,11 +31,7 @@ pytestmark = [
 
 def _serve_load():
     """`benchmarks/serve_load.py`, whose `start_server` and `stop_server` run `ipl serve` here too."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench.load("serve_load")
 
 
 @pytest.fixture(scope="module")

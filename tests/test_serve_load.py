@@ -9,9 +9,7 @@ still running, and that the second round adds little memory to the first.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import bench
 import pytest
 
 pytest.importorskip("gradio", reason="the serve extra (gradio) is not installed")
@@ -29,11 +27,8 @@ MAX_BURST_MB = 400
 
 
 def _serve_load():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """`benchmarks/serve_load.py`, whose `start_server` and `stop_server` run `ipl serve` here too."""
+    return bench.load("serve_load")
 
 
 def test_concurrent_stylize_requests_are_all_answered_and_memory_settles(tmp_path, monkeypatch):
