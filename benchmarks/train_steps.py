@@ -67,7 +67,9 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
     amp = Precision.of(precision, device)  # refuses e.g. bf16 on a GPU without it, before any work
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    source = build_generator(GeneratorConfig(size=size), seed=0).to(device).eval().requires_grad_(False)
+    # Noise strengths of 0.1, like a trained model: with 0, G_t (a copy of G_s) renders the very same
+    # pictures at step 0 and the image directions have nothing to point along.
+    source = build_generator(GeneratorConfig(size=size), seed=0, noise_strength=0.1).to(device).eval().requires_grad_(False)
     clip = load_clip("ViT-B-32", None, device=device)
     domain = parse_domain(DOMAIN, "bench.toml").with_overrides(
         {"mapper.steps": steps, "adapt.steps": steps, "adapt.auto_layer_k": int(2 * source.n_latent / 3)}

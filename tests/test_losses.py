@@ -98,6 +98,23 @@ def test_per_sample_directions_and_directional_loss(feats):
     assert losses.directional_loss(I, shared).item() == pytest.approx(want_shared, rel=1e-9)
 
 
+def test_equal_features_have_no_direction_and_no_nan(feats):
+    """G_t still equal to G_s (or bf16 rounding hiding the change): that sample counts 1 and sends no gradient."""
+    f_s = feats(3, 6)
+    f_t = f_s.clone()
+    f_t[1] = feats(6)  # only sample 1 has moved
+    f_t.requires_grad_(True)
+    I = losses.image_directions(f_s, f_t)
+    assert torch.equal(I[0], torch.zeros(6)) and torch.equal(I[2], torch.zeros(6))
+    expected = f_t[1] / f_t[1].norm() - f_s[1] / f_s[1].norm()
+    assert torch.equal(I[1], losses.unit(expected))  # a moved sample: the reference formula, bit for bit
+    D = losses.unit(feats(3, 6))
+    loss = losses.directional_loss(I, D)
+    assert loss.item() == pytest.approx((1 + (1 - _cos(I[1], D[1])) + 1) / 3, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(f_t.grad).all() and not f_t.grad[[0, 2]].any() and f_t.grad[1].any()
+
+
 def test_nada_direction_is_mean_of_template_differences(feats):
     src = losses.unit(feats(79, 6))
     tgt = losses.unit(feats(79, 6))

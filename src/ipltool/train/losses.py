@@ -58,8 +58,18 @@ def text_directions(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def image_directions(source_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
-    """`I_b = n(n(f_t_b) - n(f_s_b))` from raw CLIP image features (B, D)."""
-    return unit(unit(target_features) - unit(source_features))
+    """`I_b = n(n(f_t_b) - n(f_s_b))` from raw CLIP image features (B, D).
+
+    A sample whose two feature vectors are equal (G_t still equals G_s and both render the
+    same picture, e.g. at step 0 with zero noise strengths, or in bf16 where the rounding
+    hides a small change) has no direction yet: its I_b is 0, so the directional loss
+    counts it as orthogonal (1) and it sends no gradient. The reference divides 0 by 0
+    there, and the NaN spoils every later step. Every other row is `unit(...)` exactly.
+    """
+    diff = unit(target_features) - unit(source_features)
+    norm = diff.norm(dim=-1, keepdim=True)
+    none = norm == 0
+    return torch.where(none, torch.zeros_like(diff), diff / torch.where(none, torch.ones_like(norm), norm))
 
 
 def directional_loss(image_dirs: torch.Tensor, text_dirs: torch.Tensor) -> torch.Tensor:
