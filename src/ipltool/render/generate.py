@@ -57,7 +57,7 @@ class Loader:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self._files: dict[Path, Generator] = {}
+        self._files: dict[tuple[Path, int], Generator] = {}
         self._sources: dict[str, Generator] = {}
 
     def source(self, name: str) -> Generator:
@@ -70,9 +70,10 @@ class Loader:
         """The generator `ref` names (a registry generator is its own source)."""
         if ref.is_source:
             return self.source(ref.source)
-        if ref.path not in self._files:
-            self._files[ref.path] = load_generator(ref.path).to(self.device).eval().requires_grad_(False)
-        return self._files[ref.path]
+        key = (ref.path, ref.path.stat().st_mtime_ns)  # a file replaced on disk is read again
+        if key not in self._files:
+            self._files[key] = load_generator(ref.path).to(self.device).eval().requires_grad_(False)
+        return self._files[key]
 
     def source_of(self, ref: GeneratorRef, needed_by: str | None) -> tuple[Generator, str]:
         """(source generator, its name) of `ref`, checked to share its W+ space.
@@ -504,17 +505,15 @@ def interpolation_video(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     stop: StopRequest | None = None,
 ) -> GenerateResult:
-    """Write the latent walk through `walk.keys` as a video at `path` (.mp4: H.264; .gif), beside any file already there.
+    """Write the latent walk through `walk.keys` as a video at `path` (any suffix `video.write_video` writes), beside any file already there.
 
     Raises:
-        UsageError: a bad walk or an unsupported video suffix.
+        UsageError: a bad walk, or a suffix `video.write_video` does not write (refused before any frame).
         Interrupted: stopped before the end (nothing written).
     """
     from ipltool import video
 
     check_walk(walk)
-    if path.suffix.lower() not in (".mp4", ".gif", ".mov", ".mkv"):
-        raise UsageError(f"--video {path}: write .mp4 (H.264) or .gif")
     result = GenerateResult([c.label for c in columns], len(walk.keys))
     start = time.perf_counter()
     target = free_path(path)

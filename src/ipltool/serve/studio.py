@@ -79,6 +79,7 @@ class Studio:
         self._inverter = None
         self._detector = None
         self._targets: dict[tuple, list] = {}
+        self._loader = None  # render.generate.Loader of explore and interpolate, made on first use
         self.jobs = Jobs(config.runs, config.smoke, self.device)
 
     # -- catalog ---------------------------------------------------------------
@@ -239,10 +240,12 @@ class Studio:
     def _columns(self, keys: list[str], strength: float) -> list:
         from ipltool.render.generate import Loader, build_columns
 
+        if self._loader is None:  # one per server: each generator file is read once, not per request
+            self._loader = Loader(self.device)
         if not (0 <= strength <= 2):
             raise UsageError(f"strength must be between 0 and 2 (got {strength})")
         refs = [entry.ref for entry in self._entries(keys)]
-        return build_columns(refs, Loader(self.device), [strength], with_source=True)
+        return build_columns(refs, self._loader, [strength], with_source=True)
 
     # -- adapt -----------------------------------------------------------------
 
