@@ -20,7 +20,7 @@ import torch
 from ipltool import console
 from ipltool.atomic import atomic_torch_save
 from ipltool.checkpoints import read_feature_cache
-from ipltool.distributed import all_gather, block, report_failure, world
+from ipltool.distributed import all_gather, barrier, block, report_failure, world
 from ipltool.errors import CheckpointError, UsageError
 from ipltool.images import find_images
 from ipltool.metrics import MetricUnavailable, build_extractor, formulas
@@ -195,6 +195,9 @@ class Evaluator:
                 if w.main:  # one writer of the shared cache
                     paths[key].parent.mkdir(parents=True, exist_ok=True)
                     atomic_torch_save(loaded[key], paths[key])
+            # The next call reads these caches to decide what is missing: every rank must read them
+            # after rank 0 wrote them, or the ranks decide differently and their gathers go astray.
+            barrier()
         return {key: {name: rows[: wanted[key]] for name, rows in value["features"].items()} for key, value in loaded.items()}
 
     def _render_features(self, item: EvalInput, batches, missing: dict, mine: tuple[int, int], new: dict) -> None:
