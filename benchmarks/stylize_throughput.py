@@ -14,6 +14,7 @@ warm-up (imports, dlib model load); the reported figure is the median of the tim
 
     python benchmarks/stylize_throughput.py                  # both cases, writes RESULTS.md
     python benchmarks/stylize_throughput.py --case tiny --photos 8 --no-write
+    python benchmarks/stylize_throughput.py --case 256 --precision bf16   # autocast, as `ipl stylize --precision`
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def make_models(folder: Path, size: int = 256) -> tuple[Path, Path]:
     return weights, target
 
 
-def run_case(case: str, photos: int, repeats: int, batch: int) -> dict:
-    """Run the command `repeats + 1` times on a fresh folder; returns the timings."""
+def run_case(case: str, photos: int, repeats: int, batch: int, precision: str = "fp32") -> dict:
+    """Run the command `repeats + 1` times on a fresh folder at `precision`; returns the timings."""
     from ipltool.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +82,8 @@ def run_case(case: str, photos: int, repeats: int, batch: int) -> dict:
         seconds = []
         for run in range(repeats + 1):
             out = tmp_path / f"out{run}"
-            args = ["--quiet", "--device", "cpu", "stylize", str(tmp_path / "photos"), "--out", str(out), "--batch", str(batch), *extra]
+            args = ["--quiet", "--device", "cpu", "stylize", str(tmp_path / "photos"), "--out", str(out), "--batch", str(batch),
+                    "--precision", precision, *extra]
             start = time.perf_counter()
             code = main(args)
             elapsed = time.perf_counter() - start
@@ -90,7 +92,7 @@ def run_case(case: str, photos: int, repeats: int, batch: int) -> dict:
             if run:  # the first run pays for imports and model loading
                 seconds.append(elapsed)
     median = statistics.median(seconds)
-    return {"case": case, "photos": photos, "batch": batch, "seconds": [round(s, 2) for s in seconds], "photos_per_second": round(photos / median, 3)}
+    return {"case": case, "precision": precision, "photos": photos, "batch": batch, "seconds": [round(s, 2) for s in seconds], "photos_per_second": round(photos / median, 3)}
 
 
 def write_results(results: list[dict], command: str) -> Path:
@@ -103,11 +105,11 @@ def write_results(results: list[dict], command: str) -> Path:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}. "
         "Copies of skimage's astronaut (512x512, one face); real dlib detection and alignment; "
         "every output file written. Time per run includes model loading.\n",
-        "| case | photos | batch | seconds per run | photos/s |",
-        "|---|---|---|---|---|",
+        "| case | precision | photos | batch | seconds per run | photos/s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['case']} | {r['photos']} | {r['batch']} | {', '.join(map(str, r['seconds']))} | {r['photos_per_second']} |")
+        lines.append(f"| {r['case']} | {r['precision']} | {r['photos']} | {r['batch']} | {', '.join(map(str, r['seconds']))} | {r['photos_per_second']} |")
     path = HERE / "RESULTS.md"
     path.write_text(path.read_text() + "\n".join(lines) + "\n")
     return path
@@ -119,12 +121,15 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], action="append", help="default: fp32")
     parser.add_argument("--no-write", action="store_true", help="print the figures without touching RESULTS.md")
     args = parser.parse_args()
-    results = [run_case(case, args.photos, args.repeats, args.batch) for case in (args.case or ["tiny", "256"])]
+    results = [run_case(case, args.photos, args.repeats, args.batch, precision)
+               for case in (args.case or ["tiny", "256"]) for precision in (args.precision or ["fp32"])]
     print(json.dumps(results, indent=2))
     if not args.no_write:
-        command = f"python benchmarks/stylize_throughput.py --photos {args.photos} --repeats {args.repeats} --batch {args.batch}"
+        command = f"python benchmarks/stylize_throughput.py --photos {args.photos} --repeats {args.repeats} --batch {args.batch}" + "".join(
+            f" --case {c}" for c in args.case or []) + "".join(f" --precision {p}" for p in args.precision or [])
         print(f"written to {write_results(results, command)}")
 
 

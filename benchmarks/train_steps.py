@@ -80,6 +80,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
     times: list[float] = []
     last = time.perf_counter()
     losses: list[float] = []
+    layers: list[list[int] | None] = []  # stage 2: the W+ indices the layer choice picked at each step
 
     def tick(step: int, terms: dict) -> None:
         nonlocal last
@@ -88,6 +89,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
         now = time.perf_counter()
         times.append(now - last)
         losses.append(terms["loss"])
+        layers.append(terms.get("layers"))
         last = now
 
     if case == "stage1":
@@ -108,6 +110,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
         "median_s": round(statistics.median(times[1:] or times), 3),
         "peak_rss_gb": round(peak_rss_gb(), 2),
         "losses": losses,
+        **({"layers": layers} if case == "stage2" else {}),
         "threads": torch.get_num_threads(),
     }
     if device == "cuda":
@@ -142,7 +145,7 @@ def write_results(results: list[dict], command: str, device: str, precision: str
 
 
 def main() -> None:
-    from ipltool.precision import PRECISIONS
+    from ipltool.precision import CHOICES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["stage1", "stage2"], help="run one case in this process and print JSON")
@@ -150,7 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per case (the first is not counted)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--chunk", type=int, default=8, help="images rendered and encoded at once in stage 1")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp32 (default), bf16 or fp16 (autocast, as `ipl adapt --precision`)")
+    parser.add_argument("--precision", default="fp32", choices=CHOICES, help="fp32 (default), bf16, fp16 or auto (autocast, as `ipl adapt --precision`)")
     parser.add_argument("--no-write", action="store_true", help="print the figures without touching RESULTS.md")
     args = parser.parse_args()
     if args.case:

@@ -76,7 +76,8 @@ def test_names_are_checked_and_normalised():
     assert precision_module.check_precision(" BF16 ") == "bf16"
     with pytest.raises(UsageError, match="invalid precision 'fp8'") as err:
         precision_module.check_precision("fp8")
-    assert "fp32, bf16, fp16" in err.value.hint
+    assert "fp32, bf16, fp16, auto" in err.value.hint
+    assert precision_module.check_precision(" Auto ") == "auto"
 
 
 def test_fp32_is_no_autocast_and_no_scaling_while_reduced_precisions_autocast():
@@ -102,6 +103,36 @@ def test_combinations_that_cannot_work_are_refused(monkeypatch):
     monkeypatch.setattr(torch.amp.autocast_mode, "is_autocast_available", lambda device_type: False)
     with pytest.raises(UsageError, match="no autocast for mps"):
         Precision.of("fp16", torch.device("mps"))
+
+
+def _cpu_with(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+def test_auto_is_bf16_where_the_hardware_has_it_natively_and_fp32_elsewhere(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (True, True, "bf16"), (False, False, "fp32")):
+        _cpu_with(monkeypatch, avx512_bf16, amx)
+        assert Precision.of("auto", "cpu").name == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert Precision.of("auto", "cpu").name == "fp32"  # a torch without the probes: no claim of native bf16
+    for capability, expected in (((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert precision_module.native_precision("cuda:0") == expected
+    assert precision_module.native_precision("mps") == "fp32"
+
+
+def test_auto_on_the_command_line_stores_what_it_resolved_to_and_resumes_in_it(run_cli, tmp_path, monkeypatch):
+    _cpu_with(monkeypatch, True, False)
+    result = _cli_json(run_cli, "adapt", "--domain", "disney", "--smoke", "--precision", "auto", "--out", str(tmp_path / "a"))
+    assert result["precision"] == "bf16"
+    assert RunDir.open(result["run_dir"]).read_config()["run"]["precision"] == "bf16"
+    # auto on a resume continues in the run's precision, even on a machine where auto means fp32.
+    _cpu_with(monkeypatch, False, False)
+    assert _cli_json(run_cli, "adapt", "--resume", result["run_dir"], "--precision", "auto", "--steps", "4")["precision"] == "bf16"
+    assert _cli_json(run_cli, "train-mapper", "--domain", "disney", "--smoke", "--precision", "auto", "--out", str(tmp_path / "m"))["precision"] == "fp32"
 
 
 # ----------------------------------------------------------------------------
@@ -131,14 +162,17 @@ def test_bf16_stage2_runs_the_networks_in_bf16_and_keeps_losses_weights_and_ema_
     source, clip, _, _ = stage2_models
     calls = _watch_losses(monkeypatch, "directional_loss", "global_clip_loss")
     conv_dtypes, handles = _watch_forward_dtypes(source.convs[0].conv)
-    clip_dtypes, more = _watch_forward_dtypes(clip.model.visual.transformer.resblocks[0].mlp.c_fc)
+    clip_dtypes = []
+    more = [clip.model.visual.transformer.resblocks[0].mlp.c_fc.register_forward_hook(lambda mod, args, out: clip_dtypes.append(out.dtype))]
     try:
         state, records = _steps(stage2_models, Precision.of("bf16", "cpu"))
     finally:
         for handle in handles + more:
             handle.remove()
-    # The networks ran in bf16 (G_t and G_ema are copied from G_s after the hook, so they carry it too).
-    assert conv_dtypes == {torch.bfloat16} and clip_dtypes == {torch.bfloat16}
+    # The networks ran in bf16 (G_t and G_ema are copied from G_s after the hook, so they carry it too),
+    # except CLIP's encoding of the step's G_s and G_t images, whose difference is the image direction.
+    assert conv_dtypes == {torch.bfloat16}
+    assert clip_dtypes == [torch.bfloat16, torch.float32, torch.float32] * 2  # per step: layer choice, then x_s and x_t
     # Every loss (the layer choice's global loss and the directional loss) in fp32, outside autocast.
     assert {name for name, _, _ in calls} == {"directional_loss", "global_clip_loss"}
     assert all(dtypes == {torch.float32} and not autocast for _, dtypes, autocast in calls)
@@ -205,7 +239,7 @@ def test_an_unknown_precision_is_a_one_line_error(run_cli, tmp_path, command):
     code, _, err = run_cli("--device", "cpu", *command, "--precision", "fp8", "--out", str(tmp_path / "out"))
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[0] == "error: invalid precision 'fp8'" and lines[1:] == ["hint: use fp32, bf16, fp16"]
+    assert lines[0] == "error: invalid precision 'fp8'" and lines[1:] == ["hint: use fp32, bf16, fp16, auto"]
     assert not (tmp_path / "out").exists()
 
 

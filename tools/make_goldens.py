@@ -66,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,13 +117,26 @@ def _check_sources(paths: dict[str, Path], any_revision: bool) -> dict[str, str]
     return used
 
 
-def write_fixture(folder: Path) -> dict[str, str]:
-    """Write the fixture's generator and CLIP files; return their paths."""
+def write_fixture(folder: Path, size: int | None = None) -> dict[str, str]:
+    """Write the fixture's generator and CLIP files; return their paths.
+
+    `size` (for benchmarks/authors_steps.py) builds the generator at that resolution with
+    the fixture's seed, widths and noise strength; None keeps the fixture's own 64 px.
+    """
+    import dataclasses
+
     import torch
 
+    from ipltool.models.stylegan2 import build_generator
+
     fx = _fixture()
+    if size is None or size == fx.GENERATOR.size:
+        generator = fx.generator()
+    else:
+        config = dataclasses.replace(fx.GENERATOR, size=size)
+        generator = build_generator(config, seed=fx.GENERATOR_SEED, noise_strength=fx.NOISE_STRENGTH)
     generator_path, clip_path = folder / "generator.pt", folder / "clip-vit-b-32.pt"
-    torch.save({"g_ema": fx.generator().state_dict()}, generator_path)
+    torch.save({"g_ema": generator.state_dict()}, generator_path)
     torch.save(fx.openai_state_dict(fx.clip()), clip_path)
     return {"generator": str(generator_path), "clip": str(clip_path)}
 
@@ -389,8 +403,13 @@ def _argv(code: str, files: dict, work: str, options: dict, fx) -> list[str]:
                      "--output_interval", "1000000"]
 
 
-def run_job(job: dict) -> None:
-    """Run one of the authors' trainings on the fixture and write what was recorded."""
+def run_job(job: dict, instrument: Callable[[types.ModuleType], None] | None = None) -> None:
+    """Run one of the authors' trainings on the fixture and write what was recorded.
+
+    `instrument` (for benchmarks/authors_steps.py) is called with their loaded `train`
+    module in place of installing the recorder; the run then takes its command line from
+    `job["argv"]` (their flags) and writes nothing.
+    """
     import torch
 
     fx = _fixture()
@@ -407,12 +426,18 @@ def run_job(job: dict) -> None:
         spec.loader.exec_module(train)
         train.device = "cpu"  # their train.py sets it in its __main__ block
         train.save_images = lambda *args, **kwargs: None  # patch 6
-        _install_recorder(rec, job["code"])
+        if instrument is None:
+            _install_recorder(rec, job["code"])
+        else:
+            instrument(train)
         from options.train_options import TrainOptions
 
-        sys.argv = ["train.py"] + _argv(job["code"], job["files"], job["work"], job["options"], fx)
+        argv = job["argv"] if instrument is not None else _argv(job["code"], job["files"], job["work"], job["options"], fx)
+        sys.argv = ["train.py"] + argv
         args = TrainOptions().parse()
         train.train(args)
+    if instrument is not None:
+        return
     out: dict = {"argv": sys.argv[1:], "stage2": rec.stage2}
     if job["code"] == "ipl":
         out["stage1"] = rec.stage1

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipltool.errors import UsageError
 from ipltool.outdir import check_output_folder
+from ipltool.precision import AUTO
 
 if TYPE_CHECKING:
     from ipltool.domain import Domain
@@ -54,13 +55,13 @@ def refuse_changes(flags: dict[str, Any], smoke: bool) -> None:
 
 
 def stored_precision(run: RunDir, info: RunInfo, precision: str | None) -> str:
-    """The run's own precision; an explicit `--precision` must agree with it.
+    """The run's own precision; an explicit `--precision` must agree with it (auto always does).
 
     Raises:
         UsageError: `--precision` names another one.
     """
     stored = info.precision
-    if precision is not None and precision != stored:
+    if precision not in (None, AUTO) and precision != stored:
         raise UsageError(f"{run.path} runs in {stored}; --resume cannot switch it to {precision}", hint=f"drop --precision to continue in {stored}")
     return stored
 

@@ -317,6 +317,7 @@ class Clip:
             embedding = getattr(getattr(model, "text", None), "token_embedding", None)
         self.text_width = int(embedding.weight.shape[1]) if embedding is not None else None
         self.embed_dim = _embed_dim(model, self.image_size)
+        lay_out_attention(model)
 
     def __repr__(self) -> str:
         return (
@@ -395,6 +396,34 @@ class Clip:
         if not _has_causal_text_tower(self.model):
             return self.model.encode_text(text)
         return text_tower(self.model, self.model.token_embedding(text), text)
+
+
+def _sequence_first(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: give a batch-first attention its inputs in sequence-first memory order (under autocast)."""
+    query, key, value, *rest = args
+    if not torch.is_autocast_enabled(query.device.type):
+        return None  # float32 keeps its reference arithmetic bit for bit (the goldens); the gain there is small
+    laid_out = query.transpose(0, 1).contiguous().transpose(0, 1)
+    key = laid_out if key is query else key.transpose(0, 1).contiguous().transpose(0, 1)
+    value = laid_out if value is query else value.transpose(0, 1).contiguous().transpose(0, 1)
+    return (laid_out, key, value, *rest)
+
+
+def lay_out_attention(model: torch.nn.Module) -> None:
+    """Make every batch-first `nn.MultiheadAttention` of `model` project its inputs with one matrix product.
+
+    A batch-first attention transposes its (N, L, E) input to (L, N, E) before the
+    in-projection. On that strided view, a linear layer whose input needs a gradient
+    becomes a batched product over a copy of the weight per position: 2x slower in
+    float32 and 35x in bf16 on CPUs (benchmarks/RESULTS.md). Under autocast, the hook
+    hands it the same values already stored sequence-first, so the transpose is
+    contiguous. In float32 it changes nothing: the rounding, and so the goldens, stay
+    those of the reference. Idempotent.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention) and module.batch_first and not getattr(module, "_ipl_laid_out", False):
+            module.register_forward_pre_hook(_sequence_first)
+            module._ipl_laid_out = True
 
 
 def _has_causal_text_tower(model: torch.nn.Module) -> bool:

@@ -26,6 +26,7 @@ from ipltool.kernels.fused_act import FusedLeakyReLU
 from ipltool.kernels.upfirdn2d import upfirdn2d
 from ipltool.models.generator_config import GeneratorConfig
 from ipltool.models.layers import EqualLinear, PixelNorm
+from ipltool.precision import autocast_layout
 
 BLUR_KERNEL = (1, 3, 3, 1)
 
@@ -142,20 +143,50 @@ class ModulatedConv2d(nn.Module):
         # the same linear map with one shared weight: ordinary batched convolutions, several
         # times faster on CPUs (benchmarks/RESULTS.md). Results agree to float rounding.
         batch, in_channel = x.shape[:2]
-        s = self.modulation(style)
-        weight = self.scale * self.weight[0]  # (out, in, k, k)
-        x = x * s.view(batch, in_channel, 1, 1)
+        # The style and the demodulation are small (B x channels) and set the scale of every
+        # activation: they stay float32 under autocast; only the convolution is reduced.
+        with torch.autocast(x.device.type, enabled=False):
+            s = self.modulation(style.to(self.weight.dtype))
+        x = x * s.to(x.dtype).view(batch, in_channel, 1, 1)
+        weight, squares = self._weight(x)
         if self.upsample:
             out = F.conv_transpose2d(x, weight.transpose(0, 1), padding=0, stride=2)
         else:
             out = F.conv2d(x, weight, padding=self.padding)
         if self.demodulate:
             # rsqrt(sum over in, ky, kx of (scale * w * s_in)^2 + 1e-8), per sample and output channel
-            demod = torch.rsqrt(s.pow(2) @ weight.pow(2).sum([2, 3]).t() + 1e-8)
-            out = out * demod.view(batch, self.out_channel, 1, 1)
+            with torch.autocast(x.device.type, enabled=False):
+                demod = torch.rsqrt(s.pow(2) @ squares.t() + 1e-8)
+            out = out * demod.to(out.dtype).view(batch, self.out_channel, 1, 1)
         if self.upsample:  # the blur is per channel, so demodulating before it changes nothing
             out = self.blur(out)
         return out
+
+    def _weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scaled weight (out, in, k, k) for input `x`, and its squares summed over the kernel (out, in).
+
+        A frozen weight under autocast is prepared once and kept until it changes (its
+        version counter or storage), in the dtype autocast would cast it to at every call:
+        G_s, G_ema and the layers of G_t outside the layer choice are then neither rescaled
+        nor cast again per call. The values are those of the uncached path exactly. A weight
+        that needs a gradient is always recomputed, so autograd sees every use.
+        """
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        device_type = x.device.type
+        cached = not self.weight.requires_grad and torch.is_autocast_enabled(device_type)
+        key = (self.weight.data_ptr(), self.weight._version, torch.get_autocast_dtype(device_type), channels_last) if cached else None
+        if key is not None and getattr(self, "_prepared", (None,))[0] == key:
+            return self._prepared[1], self._prepared[2]
+        weight = self.scale * self.weight[0]
+        squares = weight.pow(2).sum([2, 3]) if self.demodulate else None
+        if channels_last:
+            # The weight in the activations' order (autocast_layout): else oneDNN returns its gradient
+            # channels-last, and every elementwise op on it in the backward takes a strided path, 10x slower.
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        if key is not None:
+            weight = weight.to(key[2])
+            self._prepared = (key, weight, squares)
+        return weight, squares
 
     def __repr__(self) -> str:
         return (
@@ -366,7 +397,7 @@ class Generator(nn.Module):
         """Render a W+ code (B, n_latent, style_dim) into images (B, 3, size, size), nominally in [-1, 1]."""
         if noise is None:
             noise = self.noise_list(randomize=True)
-        out = self.input(latent)
+        out = autocast_layout(self.input(latent))
         out = self.conv1(out, latent[:, 0], noise=noise[0])
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1
@@ -375,7 +406,7 @@ class Generator(nn.Module):
             out = conv(out, latent[:, i + 1], noise=noise2)
             skip = to_rgb(out, latent[:, i + 2], skip)
             i += 2
-        return skip
+        return skip.contiguous()  # channels-last under autocast (see autocast_layout); 3 channels, a cheap copy
 
     def forward(
         self,

@@ -12,7 +12,9 @@ noise of `G_t`.
 
 Under `--precision bf16|fp16` the generators, CLIP and the mapper run under autocast
 (`ipltool.precision`); the mapping network, the loss terms, the optimizer and the EMA
-stay float32, and fp16 scales the losses of the step and of the layer choice.
+stay float32, and so does CLIP's encoding of the step's two image batches, whose
+difference is the image direction. fp16 scales the losses of the step and of the layer
+choice.
 """
 
 from __future__ import annotations
@@ -296,8 +298,12 @@ def stage2_step(
     loss = torch.zeros((), device=device)
     record: dict = {}
     for i, term in enumerate(terms):
-        f_s = _features(term.clip, x_s, precision)
-        f_t = _features(term.clip, x_t, precision)
+        # CLIP encodes these two in float32 whatever the precision: the image direction is
+        # the difference of two nearly equal features (G_t starts as G_s), and bf16's
+        # rounding of each feature would decide it (0.5 % on the first loss at 256 px, 1 %
+        # after 20 steps; float32 CLIP: 0.02 %, benchmarks/RESULTS.md). The generators stay reduced.
+        f_s = _features(term.clip, x_s, FP32)
+        f_t = _features(term.clip, x_t, FP32)
         directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned))
         model_loss = domain.loss.lambda_direction * directional
         record[f"directional_{i}"] = directional.item()

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from ipltool.errors import UsageError
 from ipltool.models.encoders.irse import BackboneConfig, GradualStyleBlock, make_body, make_input_layer
+from ipltool.precision import autocast_layout
 
 #: Style indices below COARSE_IND read c3, below MIDDLE_IND p2, the rest p1 (reference values).
 COARSE_IND = 3
@@ -79,7 +80,7 @@ class _IRSEEncoder(nn.Module):
     def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the backbone; return the output of each stage (4 maps, strides 2, 4, 8, 16)."""
         self._check_input(x)
-        x = self.input_layer(x)
+        x = self.input_layer(autocast_layout(x))
         ends = set(self.backbone.stage_ends)
         outputs = []
         for i, unit in enumerate(self.body):
