@@ -25,7 +25,8 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--wheels" ]; then
     # Python 3.12 wheels of what the device image lacks (KINDS.md lists what it has).
-    mkdir -p .git/info && { grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude; }
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" \
+        && { grep -qx "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"; }
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         open_clip_torch ftfy wcwidth pydantic pydantic_core annotated_types typing_inspection typing_extensions tomli_w platformdirs

@@ -134,15 +134,15 @@ def test_frozen_weights_are_prepared_once_under_autocast_and_again_when_they_cha
     assert not hasattr(conv, "_prepared")  # fp32: the reference path, nothing kept
     with bf16.autocast():
         first = source.synthesis(w, noise)
-        prepared = conv._prepared[1]
+        prepared = conv._prepared[2]
         again = source.synthesis(w, noise)
-    assert conv._prepared[1] is prepared and prepared.dtype == torch.bfloat16 and torch.equal(first, again)
+    assert conv._prepared[2] is prepared and prepared.dtype == torch.bfloat16 and torch.equal(first, again)
 
     with torch.no_grad():
         conv.weight.mul_(1.5)  # what an optimizer step or the EMA update does
     with bf16.autocast():
         changed = source.synthesis(w, noise)
-    assert conv._prepared[1] is not prepared and not torch.equal(changed, first)
+    assert conv._prepared[2] is not prepared and not torch.equal(changed, first)
 
     # The values are those of the uncached path (a weight that needs a gradient is never kept).
     trainable = copy.deepcopy(source).requires_grad_(True)

@@ -165,8 +165,9 @@ class ModulatedConv2d(nn.Module):
     def _weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The scaled weight (out, in, k, k) for input `x`, and its squares summed over the kernel (out, in).
 
-        A frozen weight under autocast is prepared once and kept until it changes (its
-        version counter or storage), in the dtype autocast would cast it to at every call:
+        A frozen weight under autocast is prepared once and kept until it changes (another
+        parameter, its storage or its version counter), in the dtype autocast would cast it
+        to at every call:
         G_s, G_ema and the layers of G_t outside the layer choice are then neither rescaled
         nor cast again per call. The values are those of the uncached path exactly. A weight
         that needs a gradient is always recomputed, so autograd sees every use.
@@ -175,8 +176,11 @@ class ModulatedConv2d(nn.Module):
         device_type = x.device.type
         cached = not self.weight.requires_grad and torch.is_autocast_enabled(device_type)
         key = (self.weight.data_ptr(), self.weight._version, torch.get_autocast_dtype(device_type), channels_last) if cached else None
-        if key is not None and getattr(self, "_prepared", (None,))[0] == key:
-            return self._prepared[1], self._prepared[2]
+        prepared = getattr(self, "_prepared", None)
+        # The parameter itself is kept with its key: a replaced one cannot be mistaken for it
+        # by a new tensor that reuses its freed address.
+        if key is not None and prepared is not None and prepared[0] is self.weight and prepared[1] == key:
+            return prepared[2], prepared[3]
         weight = self.scale * self.weight[0]
         squares = weight.pow(2).sum([2, 3]) if self.demodulate else None
         if channels_last:
@@ -185,7 +189,7 @@ class ModulatedConv2d(nn.Module):
             weight = weight.contiguous(memory_format=torch.channels_last)
         if key is not None:
             weight = weight.to(key[2])
-            self._prepared = (key, weight, squares)
+            self._prepared = (self.weight, key, weight, squares)
         return weight, squares
 
     def __repr__(self) -> str:

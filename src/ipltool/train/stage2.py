@@ -300,8 +300,8 @@ def stage2_step(
     for i, term in enumerate(terms):
         # CLIP encodes these two in float32 whatever the precision: the image direction is
         # the difference of two nearly equal features (G_t starts as G_s), and bf16's
-        # rounding of each feature would decide it (0.5 % on the first loss at 256 px, 1 %
-        # after 20 steps; float32 CLIP: 0.02 %, benchmarks/RESULTS.md). The generators stay reduced.
+        # rounding of each feature would decide it (the first loss at 256 px: 0.48 % off fp32,
+        # with float32 CLIP 0.017 %, benchmarks/RESULTS.md). The generators stay reduced.
         f_s = _features(term.clip, x_s, FP32)
         f_t = _features(term.clip, x_t, FP32)
         directional = losses.directional_loss(losses.image_directions(f_s, f_t), text_directions(term, learned))
