@@ -54,6 +54,9 @@ def peak_rss_gb() -> float:
 
 def run_case(case: str, size: int, steps: int, device: str, chunk: int, precision: str = "fp32") -> dict:
     """Run `steps` steps of one case here, at `precision`, and return its timings."""
+    from ipltool.allocator import apply_malloc_choice
+
+    malloc = apply_malloc_choice()  # as `ipl` does before any tensor exists: IPL_MALLOC=reuse keeps freed blocks
     import torch
 
     from ipltool.domain import parse_domain
@@ -112,6 +115,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
         "losses": losses,
         **({"layers": layers} if case == "stage2" else {}),
         "threads": torch.get_num_threads(),
+        "malloc": malloc,
     }
     if device == "cuda":
         result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
@@ -126,7 +130,8 @@ def write_results(results: list[dict], command: str, device: str, precision: str
         f"Command: `{command}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {results[0]['threads']}, "
-        f"Python {platform.python_version()}. Random weights: StyleGAN2 config-f channels, CLIP ViT-B/32 full size.",
+        f"Python {platform.python_version()}, C heap: {results[0]['malloc']} (IPL_MALLOC). "
+        "Random weights: StyleGAN2 config-f channels, CLIP ViT-B/32 full size.",
         "",
         "| case | size | batch | median s/step | authors' code s/step | speed-up | peak memory (RSS) |",
         "|---|---|---|---|---|---|---|",
@@ -167,7 +172,8 @@ def main() -> None:
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{case} @ {size}: {results[-1]['median_s']} s/step, peak {results[-1]['peak_rss_gb']} GB", flush=True)
     if not args.no_write:
-        command = "python benchmarks/train_steps.py" + "".join(
+        malloc = os.environ.get("IPL_MALLOC")
+        command = (f"IPL_MALLOC={malloc} " if malloc else "") + "python benchmarks/train_steps.py" + "".join(
             f" --{k} {v}" for k, v in (("steps", args.steps), ("device", args.device), ("chunk", args.chunk), ("precision", args.precision))
         )
         print(f"written to {write_results(results, command, args.device, args.precision)}")

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from ipltool import __version__, console
+from ipltool import __version__, allocator, console
 from ipltool.commands import adapt as adapt_cmd
 from ipltool.commands import blend as blend_cmd
 from ipltool.commands import eval as eval_cmd
@@ -62,6 +62,9 @@ def _global_options(
     kernels: Optional[str] = typer.Option(
         None, "--kernels", help="StyleGAN2 ops: auto (compiled CUDA kernels on GPU, else native), native or cuda (strict). Also IPL_KERNELS."
     ),
+    malloc: Optional[str] = typer.Option(
+        None, "--malloc", help="C heap on Linux: system (glibc's defaults) or reuse (keeps freed blocks: CPU training up to 2x faster, up to 55 % more memory). Also IPL_MALLOC."
+    ),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     console.options.device = check_device_spec(device)
@@ -74,6 +77,18 @@ def _global_options(
     if kernels is not None:
         os.environ[dispatch.ENV_VAR] = dispatch.kernel_choice(kernels)
     dispatch.kernel_choice()
+    if malloc is not None:
+        os.environ[allocator.ENV_VAR] = allocator.malloc_choice(malloc)
+    _set_heap()
+
+
+def _set_heap() -> None:
+    """Apply `IPL_MALLOC` before any command allocates; say so when reuse cannot hold."""
+    outcome = allocator.apply_malloc_choice()
+    if outcome == "user":
+        console.err.print(f"[yellow]warning:[/] malloc reuse (--malloc, IPL_MALLOC) not applied: {allocator.user_malloc_settings()} sets the allocator already", markup=True, highlight=False)
+    elif outcome == "unavailable":
+        console.err.print("[yellow]warning:[/] malloc reuse (--malloc, IPL_MALLOC) needs glibc's mallopt (Linux); the system allocator stays", markup=True, highlight=False)
 
 
 app.command("fetch")(fetch_cmd.fetch)
