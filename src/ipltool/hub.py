@@ -49,6 +49,9 @@ class ModelEntry(BaseModel):
     format: str = ""
     needed_by: list[str] = Field(default_factory=list)
     decompress: str | None = None
+    #: For an archive (`decompress`): the sha256 values of the file it unpacks to, the one
+    #: the cache holds (`sha256` is then the archive's, as downloaded).
+    unpacked_sha256: list[str] = Field(default_factory=list)
 
 
 @lru_cache(maxsize=1)
@@ -147,11 +150,21 @@ def record(name: str, digest: str, path: Path, how: str) -> None:
 
 
 def known_hashes(entry: ModelEntry) -> frozenset[str]:
-    """The sha256 values a file of `entry` may have: the registry's, else the one recorded first."""
-    if entry.sha256:
-        return frozenset(entry.sha256)
+    """The sha256 values the cached file of `entry` may have: the registry's, else the one recorded at its download.
+
+    For an archive these are the hashes of the unpacked file (`unpacked_sha256`), the
+    file the cache holds; `archive_hashes` are those of the download itself.
+    """
+    listed = entry.unpacked_sha256 if entry.decompress else entry.sha256
+    if listed:
+        return frozenset(listed)
     record = _read_records().get(entry.name)
     return frozenset([record["sha256"]]) if record and record.get("source") == "download" else frozenset()
+
+
+def archive_hashes(entry: ModelEntry) -> frozenset[str]:
+    """The sha256 values of the download of an archive entry (`decompress`), as the registry lists them."""
+    return frozenset(entry.sha256)
 
 
 @dataclass
@@ -253,26 +266,41 @@ def fetch(name: str, force: bool = False) -> Path:
         raise UsageError(f"{name} has no download address", hint=f"get it by hand, then `ipl fetch --import {name} FILE`")
     console.info(f"downloading {name} ({_size(entry.bytes)}): {entry.description}")
     target = path.with_name(path.name + ".download") if entry.decompress else path
+    hashes = archive_hashes(entry) if entry.decompress else known_hashes(entry)
     with progress.track(entry.bytes, name, unit=progress.BYTES) as update:
-        digest = download(entry.urls, target, sha256=known_hashes(entry), size=entry.bytes, progress=update, name=name)
+        digest = download(entry.urls, target, sha256=hashes, size=entry.bytes, progress=update, name=name)
     if entry.decompress:
-        _unpack(entry, target, path)
-    record(name, digest if not entry.decompress else sha256_file(path), path, "download")
+        digest = _unpack(entry, target, path)
+    record(name, digest, path, "download")
     return path
 
 
-def _unpack(entry: ModelEntry, archive: Path, path: Path) -> None:
-    """Decompress a verified archive into `path` (through a temporary name), then drop the archive."""
+def _unpack(entry: ModelEntry, archive: Path, path: Path) -> str:
+    """Decompress a verified archive into `path`, drop the archive, and return the unpacked file's sha256.
+
+    The unpacked file goes through a temporary name and replaces `path` only when its
+    hash is one of `unpacked_sha256` (when the registry lists any).
+
+    Raises:
+        ChecksumError: the unpacked file is not the listed one (nothing is left in the cache).
+    """
     if entry.decompress != "bz2":
         raise IplError(f"{entry.name}: unknown archive format {entry.decompress!r}")
     tmp = path.with_name(f".{path.name}.unpack")
     try:
         with bz2.open(archive, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        digest = sha256_file(tmp)
+        if entry.unpacked_sha256 and digest not in entry.unpacked_sha256:
+            raise ChecksumError(
+                f"{entry.name}: the archive unpacks to sha256 {digest}, not {', '.join(entry.unpacked_sha256)}",
+                hint="nothing was kept; report the archive's address as changed",
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    archive.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
+    return digest
 
 
 #: Registry formats that are `torch.save` files, checked by `checkpoints.read` on import when no hash is known.
@@ -304,11 +332,10 @@ def import_file(name: str, file: str | os.PathLike, link: bool = False) -> Path:
             raise ChecksumError(f"{source} is not {name}: sha256 {digest} is not one of {', '.join(entry.sha256)}")
         archive = path.with_name(path.name + ".download")
         shutil.copyfile(source, archive)
-        _unpack(entry, archive, path)
-        record(name, sha256_file(path), path, "import")
+        record(name, _unpack(entry, archive, path), path, "import")
         return path
     digest = sha256_file(source)
-    hashes = known_hashes(entry) if not entry.decompress else frozenset()
+    hashes = known_hashes(entry)  # of the unpacked file, for an archive entry
     if hashes and digest not in hashes:
         raise ChecksumError(
             f"{source} is not {name}: sha256 {digest} is not one of {', '.join(sorted(hashes))}",
