@@ -287,3 +287,107 @@ def test_custom_text_clip_is_refused(clip):
     assert wrapped.embed_dim == 32
     with pytest.raises(UsageError, match="CustomTextCLIP"):
         PromptEncoder(wrapped)
+
+
+# ----------------------------------------------------------------------------
+# Under autocast: weights cast once
+
+
+def _plain_prompt_features(clip: Clip, encoder: PromptEncoder, P: torch.Tensor, label: str) -> torch.Tensor:
+    """`PromptEncoder.encode` written out on the open_clip model itself, autocast casting every weight per call."""
+    from ipltool.models.clip import text_tower
+
+    model = clip.model
+    text = encoder._label_tokens(label).expand(P.shape[0], -1)
+    x = model.token_embedding(text)
+    x = torch.cat([x[:, :1], P.to(x.dtype), x[:, 1 + encoder.n_ctx :]], dim=1)
+    return text_tower(model, x, text)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_cast_weights_and_gives_the_plain_results_bit_for_bit(dtype):
+    clip = load_clip("tiny")  # its own copy: the kept weights are state of the object
+    encoder = PromptEncoder(clip)
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 40, 56) * 2 - 1
+    P = encoder.ctx_embedding()[None].repeat(2, 1, 1) + 0.01 * torch.randn(2, encoder.n_ctx, encoder.dim)
+
+    clip.encode_image(images)
+    assert clip._lowered is None  # fp32 runs on the model as it is
+
+    def features(through_wrapper: bool):
+        x, p = images.clone().requires_grad_(), P.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            if through_wrapper:
+                out = (clip.encode_image(x), clip.encode_text(["a sketch", "disney"]), encoder.encode(p, "sketch"))
+            else:
+                ids = clip.tokenize(["a sketch", "disney"])
+                from ipltool.models.clip import text_tower
+
+                out = (
+                    clip.model.encode_image(clip.preprocess(x)),
+                    text_tower(clip.model, clip.model.token_embedding(ids), ids),
+                    _plain_prompt_features(clip, encoder, p, "sketch"),
+                )
+        sum(o.float().square().sum() for o in out).backward()
+        return [o.detach() for o in out] + [x.grad, p.grad]
+
+    plain = features(through_wrapper=False)
+    kept = features(through_wrapper=True)
+    for a, b in zip(plain, kept):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert kept[0].dtype == dtype  # autocast did run
+
+    weights = clip._lowered[1]
+    assert all(t.dtype == dtype for t in weights.values())
+    assert any(name.endswith("attn.in_proj_weight") for name in weights) and not any("ln_" in name for name in weights)
+    matrices = sum(p.numel() for n, p in clip.model.named_parameters() if p.dim() >= 2 and "embedding" not in n)
+    assert sum(t.numel() for t in weights.values()) > 0.8 * matrices  # nearly every matrix, cast once
+    features(through_wrapper=True)
+    assert clip._lowered[1] is weights  # kept across calls, not cast again
+
+    with torch.no_grad():
+        clip.model.visual.conv1.weight.mul_(1.5)  # a changed weight is cast again
+    changed = features(through_wrapper=True)
+    assert clip._lowered[1] is not weights and not torch.equal(changed[0], kept[0])
+
+
+
+def _two_head_clip() -> Clip:
+    """The tiny CLIP with two attention heads: torch's fused attention path needs an even count."""
+    import open_clip
+
+    load_clip("tiny")  # registers the tiny config, whose tokenizer this one uses
+    torch.manual_seed(0)
+    net = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=1, width=64, head_width=32, patch_size=8),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+        quick_gelu=True,
+    ).eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return Clip(net, TINY_MODEL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kept_cast_weights_without_gradients_never_take_the_fused_attention(dtype, monkeypatch):
+    # torch's fused self-attention runs when the weights are in the input's dtype and no
+    # gradient is needed; on CPUs it copies the projections through batched products
+    # (bf16 image encoding 2x slower), so the kept weights must not lead into it.
+    clip = _two_head_clip()
+    images = torch.rand(2, 3, 40, 56) * 2 - 1
+    fused = []
+    native = torch._native_multi_head_attention
+
+    def spy(*args, **kwargs):
+        fused.append(args[0].shape)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        plain = clip.model.encode_image(clip.preprocess(images))
+        kept = clip.encode_image(images)
+        kept_text = clip.encode_text(["a sketch"])
+    assert clip._lowered is not None and not fused
+    assert torch.equal(plain, kept) and torch.isfinite(kept_text).all()

@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -318,6 +318,9 @@ class Clip:
         self.text_width = int(embedding.weight.shape[1]) if embedding is not None else None
         self.embed_dim = _embed_dim(model, self.image_size)
         lay_out_attention(model)
+        self._adapter: _Apply | None = None
+        self._lowered_params: list[tuple[str, torch.nn.Parameter]] = []
+        self._lowered: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -368,7 +371,7 @@ class Clip:
         Returns:
             (B, embed_dim) features, not normalised.
         """
-        return self.model.encode_image(self.preprocess(x, antialias=antialias))
+        return self.call(lambda model, pixels: model.encode_image(pixels), self.preprocess(x, antialias=antialias))
 
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """BPE token ids, SOT/EOT added and zero-padded.
@@ -394,8 +397,90 @@ class Clip:
         """
         text = self.tokenize(texts)
         if not _has_causal_text_tower(self.model):
-            return self.model.encode_text(text)
-        return text_tower(self.model, self.model.token_embedding(text), text)
+            return self.call(lambda model, ids: model.encode_text(ids), text)
+        return self.call(lambda model, ids: text_tower(model, model.token_embedding(ids), ids), text)
+
+    def call(self, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        """`fn(model, *args)`, with the model's matrix weights already in autocast's dtype when autocast is on.
+
+        Autocast casts a weight at every call unless it needs a gradient, and CLIP's never
+        do: a ViT-B/32 encoding casts 126 M weights each time. On a CPU they are cast once
+        and kept (about 250 MB for ViT-B/32 in bf16) until a weight changes: a bf16 image
+        encoding of 8 without gradients 93 -> 75 ms, with them 371 -> 340 ms
+        (benchmarks/RESULTS.md). Only the weights that autocast itself lowers are kept
+        (`_lowered_names`), so the results are those of the plain call bit for bit.
+        Without autocast (fp32), or on a GPU, `fn` runs on the model as it is.
+        """
+        weights = self._lowered_weights()
+        if weights is None:
+            return fn(self.model, *args)
+        return torch.func.functional_call(self._adapter, weights, (fn, *args))
+
+    def _lowered_weights(self) -> dict[str, torch.Tensor] | None:
+        """The kept low-precision weights for the autocast in effect (named for `_adapter`), or None without autocast."""
+        device_type = self.device.type
+        # CPUs only: there the kept copy takes 5 % off a bf16 stage-1 step
+        # (benchmarks/RESULTS.md); a GPU casts at its memory bandwidth, and the copy's
+        # 250 MB would count against the 12 GB target instead (unmeasured there).
+        if device_type != "cpu" or not torch.is_autocast_enabled(device_type):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+        if self._adapter is None:
+            self._adapter = _Apply(self.model)
+            self._lowered_params = [(f"model.{name}", param) for name, param in _lowered_names(self.model)]
+        # The parameters are kept with their key: a replaced one cannot pass for it by reusing its address.
+        key = (dtype, tuple((id(param), param.data_ptr(), param._version) for _, param in self._lowered_params))
+        if self._lowered is None or self._lowered[0] != key:
+            self._lowered = None  # free the old copy before making the new one
+            with torch.no_grad():
+                weights = {name: param.detach().to(dtype) for name, param in self._lowered_params}
+            self._lowered = (key, weights)
+        return self._lowered[1]
+
+
+class _Apply(torch.nn.Module):
+    """`forward(fn, *args)` is `fn(model, *args)`: lets `torch.func.functional_call` swap the weights of any method."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+        return fn(self.model, *args)
+
+
+def _lowered_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters of `model` that autocast casts to its low dtype at every use: matrix products only.
+
+    Linear, convolution and attention projection weights and biases, and the bare
+    projection matrices CLIP multiplies with `@` (`visual.proj`, `text_projection`).
+    Embeddings, positional terms and normalisations are left out: autocast keeps them
+    (or runs them) in float32, and a cast copy would round them. So is the one weight
+    whose dtype open_clip reads as a tower's working dtype (`Transformer.get_cast_dtype`,
+    the first block's `mlp.c_fc.weight`): in bf16 it would turn the whole residual
+    stream bf16.
+    """
+    dtype_probes = {
+        f"{prefix}.resblocks.0.mlp.c_fc.weight".lstrip(".")
+        for prefix, module in model.named_modules()
+        if callable(getattr(module, "get_cast_dtype", None))
+    }
+    found: list[tuple[str, torch.nn.Parameter]] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            names = ("weight", "bias")
+        elif isinstance(module, torch.nn.MultiheadAttention):
+            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        elif prefix in ("", "visual"):
+            names = ("proj", "text_projection")
+        else:
+            continue
+        for name in names:
+            param = module._parameters.get(name)
+            full = f"{prefix}.{name}" if prefix else name
+            if param is not None and param.is_floating_point() and full not in dtype_probes:
+                found.append((full, param))
+    return found
 
 
 def _sequence_first(module: torch.nn.Module, args: tuple) -> tuple:
@@ -406,6 +491,12 @@ def _sequence_first(module: torch.nn.Module, args: tuple) -> tuple:
     laid_out = query.transpose(0, 1).contiguous().transpose(0, 1)
     key = laid_out if key is query else key.transpose(0, 1).contiguous().transpose(0, 1)
     value = laid_out if value is query else value.transpose(0, 1).contiguous().transpose(0, 1)
+    if laid_out.device.type == "cpu" and key is laid_out:
+        # The same values under another name: self-attention with the query, key and value
+        # one tensor takes torch's fused inference path when the weights are in the
+        # input's dtype (`Clip.call`), and on CPUs that path copies each projection
+        # through batched products: a bf16 image encoding without gradients took 2x longer.
+        key = value = laid_out.view_as(laid_out)
     return (laid_out, key, value, *rest)
 
 
@@ -559,7 +650,11 @@ class PromptEncoder:
             raise UsageError(f"got {len(labels)} labels for a batch of {batch} prompts")
         text = torch.stack([self._label_tokens(label) for label in labels])
 
-        model = self.clip.model
-        x = model.token_embedding(text)
-        x = torch.cat([x[:, :1], P.to(x.dtype), x[:, 1 + self.n_ctx :]], dim=1)
-        return text_tower(model, x, text)
+        n_ctx = self.n_ctx
+
+        def tower(model: torch.nn.Module, P: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            x = model.token_embedding(text)
+            x = torch.cat([x[:, :1], P.to(x.dtype), x[:, 1 + n_ctx :]], dim=1)
+            return text_tower(model, x, text)
+
+        return self.clip.call(tower, P, text)
