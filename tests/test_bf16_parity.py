@@ -149,3 +149,48 @@ def test_frozen_weights_are_prepared_once_under_autocast_and_again_when_they_cha
     with bf16.autocast():
         uncached = trainable.synthesis(w, noise)
     assert torch.equal(uncached.detach(), changed)
+
+
+def test_renders_without_gradients_upsample_by_phases_and_agree_with_the_transposed_convolution(mid_models, monkeypatch):
+    from torch.nn import functional as F
+
+    from ipltool.models import stylegan2
+
+    source = mid_models[0]
+    torch.manual_seed(1)
+    w = source.to_w_plus([source.mapping(torch.randn(2, source.style_dim))])
+    noise = source.noise_list(randomize=False)
+    bf16 = Precision.of("bf16", "cpu")
+    transposed = []
+    native = F.conv_transpose2d
+
+    def spy(*args, **kwargs):
+        transposed.append(args[0].shape[-1])
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(stylegan2.F, "conv_transpose2d", spy)
+    with torch.no_grad():
+        reference = source.synthesis(w, noise)  # fp32: the reference's transposed convolutions
+        assert transposed == [4, 8, 16, 32]
+        transposed.clear()
+        with bf16.autocast():
+            by_phases = source.synthesis(w, noise)
+        assert transposed == []  # every side of a 64 px generator is within PHASES_MAX_SIDE
+        monkeypatch.setattr(stylegan2, "PHASES_MAX_SIDE", 8)
+        with bf16.autocast():
+            mixed = source.synthesis(w, noise)
+        assert transposed == [16, 32]
+        monkeypatch.setattr(stylegan2, "PHASES_MAX_SIDE", 0)
+        with bf16.autocast():
+            all_transposed = source.synthesis(w, noise)
+    with bf16.autocast():
+        source.synthesis(w, noise)  # a gradient may be recorded: transposed, whose backward is faster
+    assert transposed == [16, 32, 4, 8, 16, 32, 4, 8, 16, 32]
+
+    def error(out):
+        return ((out.float() - reference).norm() / reference.norm()).item()
+
+    # The phases round differently from oneDNN's transposed kernel, but no worse: bf16's own error.
+    assert 0 < error(all_transposed) < 0.02
+    for out in (by_phases, mixed):
+        assert torch.isfinite(out).all() and error(out) < 1.5 * error(all_transposed)

@@ -245,3 +245,22 @@ def test_modulated_conv_equals_the_per_sample_weight_formula(upsample, demodulat
     else:
         expected = F.conv2d(x.reshape(1, 18, 8, 8), weight.reshape(15, 6, k, k), padding=k // 2, groups=3).view(3, 5, 8, 8)
     torch.testing.assert_close(conv(x, style), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("height, width", [(1, 1), (4, 4), (5, 3)])
+def test_upsampling_by_phases_is_the_transposed_convolution(height, width, channels_last):
+    from torch.nn import functional as F
+
+    from ipltool.models.stylegan2 import upsampling_conv_by_phases
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, height, width, dtype=torch.float64)
+    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
+    phases = upsampling_conv_by_phases(x, weight)
+    assert phases.shape == reference.shape == (2, 5, 2 * height + 1, 2 * width + 1)
+    torch.testing.assert_close(phases, reference, rtol=0, atol=1e-12)
+    assert phases.is_contiguous(memory_format=torch.channels_last if channels_last and height * width > 1 else torch.contiguous_format)
