@@ -36,10 +36,11 @@ RTOL = 1e-4  # tensors, relative to their own scale (see `assert_matches`); stag
 # n(f_t - f_s) is the difference of two nearly equal CLIP features (G_t is a copy of
 # G_s), so float32 rounding in either code, whose operations are equivalent but not
 # identical (fused vs separate modulation, open_clip vs OpenAI attention), is
-# magnified by |f| / |f_t - f_s|. Measured on this fixture: 2e-4 to 4e-4 on step 1,
+# magnified by |f| / |f_t - f_s|. Measured on this fixture: 2e-4 to 4e-4 on step 1 on an
+# AMD EPYC, 1.1e-3 on an Intel Xeon with AMX (its oneDNN picks other fp32 kernels),
 # 5e-3 on step 2, whose G_t carries step 1's update. The weights after a step inherit
 # the error of its gradients through Adam's normalised update.
-STAGE2_RTOL = {1: 1e-3, 2: 2e-2}
+STAGE2_RTOL = {1: 2e-3, 2: 2e-2}
 # The noise strengths' gradients are sums over every pixel of their layer (a 64x64 map
 # times the gradient reaching it), the worst conditioned of all (measured: 2e-3 on step 1, 1e-2 on step 2).
 NOISE_RTOL = 2e-2
