@@ -40,14 +40,23 @@ RUNS = {
 UNSTABLE = {"seconds", "time", "eta"}
 # Saved for a faithful resume, but never seeded: the method draws nothing from numpy.
 UNSEEDED = ("rng.numpy.",)
-# Away from the golden platform (see the module docstring).
-LOSS_RTOL = 1e-6
-TENSOR_RTOL = 1e-5
+# Away from the golden platform (see the module docstring). Measured: 1.2e-6 on an Intel
+# Xeon with AMX against goldens recorded on an AMD EPYC (same torch, both "AVX512").
+LOSS_RTOL = 1e-5
+# Saved weights and optimizer moments after several stage-2 steps carry the gradients'
+# conditioning (test_goldens.STAGE2_RTOL: 2e-2 by step 2); measured on the AMX Xeon
+# against EPYC goldens: up to 5e-3 on small Adam moments, 3e-5 on weights.
+TENSOR_RTOL = 2e-2
 
 
 def platform_key() -> str:
-    """What decides the bits of a CPU run: torch's version and the CPU capability it dispatches to."""
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+    """What decides the bits of a CPU run: torch's version, the CPU capability it dispatches to, and AMX.
+
+    oneDNN picks other kernels on a CPU with AMX tiles (fp32 included) while torch still
+    reports "AVX512", so a run there is not bit for bit that of one without.
+    """
+    amx = "amx_tile" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}" + (", AMX" if amx else "")
 
 
 def fingerprint(tensor: torch.Tensor) -> dict:
