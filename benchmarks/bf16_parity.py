@@ -56,6 +56,8 @@ def write_results(rows: list[dict], command: str) -> Path:
         lines.append(f"- {r['case']}@{r['size']} relative difference per step: {', '.join(f'{abs(b - f) / abs(f) * 100:.2f} %' for f, b in zip(r['fp32'], r['bf16']))}")
         if "other_layers_at" in r:
             lines.append(f"- {r['case']}@{r['size']} steps whose layer choice differed in bf16: {r['other_layers_at'] or 'none'}")
+            lines.append(f"- {r['case']}@{r['size']} bf16 layer choices confirmed in fp32: {r['fp32_confirmations']} of {r['steps']}; "
+                         f"mean s/step fp32 {r['fp32_mean_s']}, bf16 {r['bf16_mean_s']}")
     lines += ["", ""]
     path = HERE / "RESULTS.md"
     path.write_text(path.read_text() + "\n".join(lines))
@@ -77,6 +79,9 @@ def main() -> int:
                "fp32_s": fp32["median_s"], "bf16_s": bf16["median_s"], **compare(fp32["losses"], bf16["losses"])}
         if "layers" in fp32:  # stage 2: steps whose layer choice picked other layers in bf16 (a discrete decision)
             row["other_layers_at"] = [i + 1 for i, (a, b) in enumerate(zip(fp32["layers"], bf16["layers"])) if sorted(a) != sorted(b)]
+            # Steps whose choice bf16 could not make alone cost an fp32 pass: the mean shows it, the median may not.
+            row["fp32_confirmations"] = bf16["fp32_confirmations"]
+            row["fp32_mean_s"], row["bf16_mean_s"] = (round(sum(r["seconds"][1:]) / max(len(r["seconds"]) - 1, 1), 3) for r in (fp32, bf16))
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.no_write:

@@ -98,11 +98,25 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
     if case == "stage1":
         train_mapper(mapper, source, prompts, domain, chunk=chunk, on_step=tick, precision=amp)
     else:
+        from ipltool.train import stage2
+
+        # Count the layer choices bf16/fp16 left to fp32 (`stage2.choose_layers` calls
+        # `layer_scores` positionally, the precision sixth).
+        layer_scores = stage2.layer_scores
+        confirmations = 0
+
+        def counted(*args, **kwargs):
+            nonlocal confirmations
+            confirmations += amp.reduced and args[5].name == "fp32"
+            return layer_scores(*args, **kwargs)
+
+        stage2.layer_scores = counted
         state = start_stage2(source, domain, amp)
         terms = clip_terms([(clip, 1.0)], domain)
         last = time.perf_counter()
         for _ in range(steps):
             tick(0, stage2_step(state, source, terms, domain, mapper, prompts))
+        stage2.layer_scores = layer_scores
     result = {
         "case": case,
         "size": size,
@@ -113,7 +127,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
         "median_s": round(statistics.median(times[1:] or times), 3),
         "peak_rss_gb": round(peak_rss_gb(), 2),
         "losses": losses,
-        **({"layers": layers} if case == "stage2" else {}),
+        **({"layers": layers, "fp32_confirmations": confirmations} if case == "stage2" else {}),
         "threads": torch.get_num_threads(),
         "malloc": malloc,
     }

@@ -228,3 +228,73 @@ def test_nada_global_term_aims_at_a_target_and_the_layer_choice_at_the_bare_labe
     # The layer choice's call comes first, then the step's global term.
     assert [torch.equal(t, term.target_label) for t in seen] == [True, False]
     assert torch.equal(seen[-1], term.nada_global)
+
+
+def test_ambiguous_compares_the_kth_and_next_score_against_the_margin(monkeypatch):
+    from ipltool.train import stage2
+
+    monkeypatch.setattr(stage2, "LAYER_CHOICE_MARGIN", 0.02)
+    scores = torch.tensor([0.5, 1.0, 0.985, 2.0])  # 2nd and 3rd largest 1.5 % apart
+    assert stage2.ambiguous(scores, 2)
+    assert not stage2.ambiguous(scores, 1)  # 2.0 against 1.0
+    assert not stage2.ambiguous(scores, 3)  # 0.985 against 0.5
+    assert not stage2.ambiguous(scores, 4)  # all chosen
+    monkeypatch.setattr(stage2, "LAYER_CHOICE_MARGIN", 0.01)
+    assert not stage2.ambiguous(scores, 2)
+
+
+def _choice(stage2_models, precision, seed=5):
+    """The layers `choose_layers` picks from `seed`, the precisions its score passes ran in, and the next random draw."""
+    from ipltool.train import stage2
+
+    source, clip, _, _ = stage2_models
+    terms = clip_terms([(clip, 1.0)], _domain())
+    trainable = build_generator(TINY_CONFIG, seed=0)
+    passes = []
+    real = stage2.layer_scores
+
+    def spy(source, trainable, terms, z, noises, precision=stage2.FP32, scaler=None, chunk=None):
+        passes.append((precision.name, z.clone(), [n.clone() for n in noises[0]], chunk))
+        return real(source, trainable, terms, z, noises, precision, scaler, chunk)
+
+    stage2.layer_scores = spy
+    try:
+        torch.manual_seed(seed)
+        chosen = choose_layers(source, trainable, terms, k=3, iters=1, batch=2, precision=precision)
+    finally:
+        stage2.layer_scores = real
+    return chosen, passes, torch.randn(4)
+
+
+def test_reduced_precision_confirms_an_ambiguous_layer_choice_in_fp32(stage2_models, monkeypatch):
+    from ipltool.precision import FP32, Precision
+    from ipltool.train import stage2
+
+    bf16 = Precision.of("bf16", "cpu")
+    reference, passes, after_fp32 = _choice(stage2_models, FP32)
+    assert [p[0] for p in passes] == ["fp32"]  # fp32 decides alone, whatever the margin
+    monkeypatch.setattr(stage2, "LAYER_CHOICE_MARGIN", 0.0)  # nothing is ambiguous
+    _, passes, after_clear = _choice(stage2_models, bf16)
+    assert [p[0] for p in passes] == ["bf16"]
+    monkeypatch.setattr(stage2, "LAYER_CHOICE_MARGIN", 10.0)  # everything is
+    confirmed, passes, after_confirmed = _choice(stage2_models, bf16)
+    assert [(p[0], p[3]) for p in passes] == [("bf16", None), ("fp32", 1)]  # fp32 in halves of the batch of 2
+    # The confirmation sees the same z and noise, picks what fp32 picks, and leaves the
+    # random stream where fp32 leaves it (the step's later draws stay those of fp32).
+    assert torch.equal(passes[0][1], passes[1][1]) and all(torch.equal(a, b) for a, b in zip(passes[0][2], passes[1][2]))
+    assert confirmed == reference
+    assert torch.equal(after_confirmed, after_fp32) and torch.equal(after_clear, after_fp32)
+
+
+def test_layer_scores_in_chunks_are_the_whole_batch_scores(stage2_models):
+    from ipltool.train.stage2 import layer_scores
+
+    source, clip, _, _ = stage2_models
+    terms = clip_terms([(clip, 1.0)], _domain())
+    trainable = build_generator(TINY_CONFIG, seed=0)
+    torch.manual_seed(3)
+    z = torch.randn(4, TINY_CONFIG.style_dim)
+    noises = [trainable.draw_noise(4) for _ in range(2)]  # two SGD steps
+    whole = layer_scores(source, trainable, terms, z, noises)
+    for chunk in (1, 3):  # 3: parts of unequal size
+        torch.testing.assert_close(layer_scores(source, trainable, terms, z, noises, chunk=chunk), whole, rtol=1e-5, atol=1e-9)

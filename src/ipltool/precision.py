@@ -91,6 +91,16 @@ def autocast_layout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-d tensor stored channels-last (as `autocast_layout` lays it out) and not also plain NCHW.
+
+    A tensor with one channel or a 1x1 side is both; it counts as plain.
+    """
+    import torch
+
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _check_supported(name: str, device: torch.device) -> None:
     """Refuse a reduced precision the installed torch cannot autocast to on `device`."""
     import torch

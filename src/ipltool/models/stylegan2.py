@@ -26,7 +26,7 @@ from ipltool.kernels.fused_act import FusedLeakyReLU
 from ipltool.kernels.upfirdn2d import upfirdn2d
 from ipltool.models.generator_config import GeneratorConfig
 from ipltool.models.layers import EqualLinear, PixelNorm
-from ipltool.precision import autocast_layout
+from ipltool.precision import autocast_layout, is_channels_last
 
 BLUR_KERNEL = (1, 3, 3, 1)
 
@@ -174,7 +174,7 @@ class ModulatedConv2d(nn.Module):
         nor cast again per call. The values are those of the uncached path exactly. A weight
         that needs a gradient is always recomputed, so autograd sees every use.
         """
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(x)
         device_type = x.device.type
         cached = not self.weight.requires_grad and torch.is_autocast_enabled(device_type)
         key = (self.weight.data_ptr(), self.weight._version, torch.get_autocast_dtype(device_type), channels_last) if cached else None
@@ -239,7 +239,7 @@ def upsampling_conv_by_phases(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     batch, _, height, width = x.shape
     padded = F.pad(x, (1, 1, 1, 1))
     even_even = F.conv2d(padded, weight[:, :, ::2, ::2].flip(2, 3))  # (H + 1) x (W + 1)
-    memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+    memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     out = torch.empty(
         batch, weight.shape[0], 2 * height + 1, 2 * width + 1, dtype=even_even.dtype, device=x.device, memory_format=memory_format
     )

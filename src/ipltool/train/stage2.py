@@ -14,7 +14,8 @@ Under `--precision bf16|fp16` the generators, CLIP and the mapper run under auto
 (`ipltool.precision`); the mapping network, the loss terms, the optimizer and the EMA
 stay float32, and so does CLIP's encoding of the step's two image batches, whose
 difference is the image direction. fp16 scales the losses of the step and of the layer
-choice.
+choice. The layer choice is a ranking, and where bf16/fp16 cannot tell two layers apart it
+is confirmed in fp32 (`choose_layers`).
 """
 
 from __future__ import annotations
@@ -130,32 +131,88 @@ def choose_layers(
     3. score each index by `mean |w - w0|` over batch and channels; 4. top k.
     Only w is differentiated: no gradient is computed for the generator or CLIP.
     The synthesis and CLIP run under `precision`'s autocast, the loss in float32;
-    `scaler` (None: `precision.scaler()`) scales it for fp16.
+    `scaler` (None: `precision.scaler()`) scales it for fp16. In bf16/fp16, when the
+    k-th and (k+1)-th scores are too close for the reduced precision to order them
+    (`LAYER_CHOICE_MARGIN`), the scores are computed again in fp32 from the same z and
+    noise, so the layers are the ones fp32 would pick.
 
     Returns:
         The chosen W+ indices (see `Generator.layer_for_style_index`).
     """
     device = source.device
-    scaler = scaler if scaler is not None else precision.scaler()
     z = torch.randn(batch, source.style_dim, device=device)
+    # Drawn up front, in the order the loop used to draw them (nothing else draws in
+    # between), so that an fp32 confirmation sees the same noise.
+    noises = [trainable.draw_noise(batch) for _ in range(iters)]
+    scores = layer_scores(source, trainable, terms, z, noises, precision, scaler)
+    if precision.reduced and ambiguous(scores, k):
+        # In halves: the fp32 pass at full batch would lift the peak memory of a bf16 run
+        # above that of an fp32 run (stage 2 @ 256: 7.9 against 7.3 GB, benchmarks/RESULTS.md).
+        scores = layer_scores(source, trainable, terms, z, noises, FP32, chunk=max(batch // 2, 1))
+    return torch.topk(scores, k).indices.tolist()
+
+
+# How close (relative to the k-th score) the k-th and (k+1)-th layer-choice scores may be
+# before bf16/fp16 cannot be trusted to order them. Measured on config-f at 256 px with the
+# full ViT-B/32 (benchmarks/RESULTS.md, "Layer choice in bf16" and "confirmed in fp32"):
+# bf16 moves the scores against each other by up to 0.45 %, so two scores can swap when
+# they are within about 0.9 % of each other; from the same weights the gap itself came
+# out up to 0.56 points off fp32's. 2 % leaves twice the worst of these; it sent 6 of 20
+# steps of a 256 px run to fp32.
+LAYER_CHOICE_MARGIN = 0.02
+
+
+def ambiguous(scores: torch.Tensor, k: int) -> bool:
+    """True when the k-th and (k+1)-th largest of `scores` are within `LAYER_CHOICE_MARGIN` of each other."""
+    if k >= scores.numel():
+        return False  # every index is chosen: nothing to order
+    top = torch.topk(scores, k + 1).values
+    return bool(top[k - 1] - top[k] <= LAYER_CHOICE_MARGIN * top[k - 1].abs())
+
+
+def layer_scores(
+    source: Generator,
+    trainable: Generator,
+    terms: list[ClipTerm],
+    z: torch.Tensor,
+    noises: list[list[torch.Tensor]],
+    precision: Precision = FP32,
+    scaler: torch.amp.GradScaler | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The layer choice's score of every W+ index: `mean |w - w0|` after one SGD step on w per entry of `noises`.
+
+    `chunk` renders the batch that many samples at a time (None: all at once). The loss
+    is a mean over samples that never interact, so the gradient is the same sum in parts
+    (each part's mean weighted by its share of the batch), with a part's activations
+    held at a time.
+    """
+    scaler = scaler if scaler is not None else precision.scaler()
+    batch = z.shape[0]
+    parts = [slice(start, start + chunk) for start in range(0, batch, chunk)] if chunk else [slice(None)]
     with torch.no_grad():
         w0 = source.to_w_plus([source.mapping(z)])
     w = w0.clone().requires_grad_(True)
     optimizer = torch.optim.SGD([w], lr=LAYER_CHOICE_LR)
-    for _ in range(iters):
-        with precision.autocast():
-            images = trainable.synthesis(w, trainable.draw_noise(batch))
-        loss = sum(
-            t.weight * losses.global_clip_loss(_features(t.clip, images, precision), t.target_label, t.clip.logit_scale)
-            for t in terms
-        )
-        # Only w is differentiated, so the scaled gradient is set by hand; the scaler
-        # unscales it and skips the step when it overflowed (a no-op unless fp16).
-        (w.grad,) = torch.autograd.grad(scaler.scale(loss), [w])
+    for noise in noises:
+        grad = None
+        for part in parts:
+            with precision.autocast():
+                images = trainable.synthesis(w[part], [n[part] for n in noise])
+            loss = sum(
+                t.weight * losses.global_clip_loss(_features(t.clip, images, precision), t.target_label, t.clip.logit_scale)
+                for t in terms
+            )
+            if len(parts) > 1:
+                loss = loss * (images.shape[0] / batch)
+            # Only w is differentiated, so the scaled gradient is set by hand; the scaler
+            # unscales it and skips the step when it overflowed (a no-op unless fp16).
+            (part_grad,) = torch.autograd.grad(scaler.scale(loss), [w])
+            grad = part_grad if grad is None else grad + part_grad
+        w.grad = grad
         scaler.step(optimizer)
         scaler.update()
-    scores = (w.detach() - w0).abs().mean(dim=-1).mean(dim=0)
-    return torch.topk(scores, k).indices.tolist()
+    return (w.detach() - w0).abs().mean(dim=-1).mean(dim=0)
 
 
 def check_layer_k(domain: Domain, generator: Generator) -> None:
