@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ipltool.errors import CheckpointError, UsageError
+from ipltool.errors import CheckpointError, RunConfigError, UsageError
 from ipltool.train import run as run_mod
 from ipltool.train.run import (
     RunDir,
@@ -299,5 +299,7 @@ def test_run_info_round_trips_and_read_returns_the_domain(tmp_path):
     config["run"]["save_every"] = 7
     config["adapt"]["steps"] = -1
     run.write_config(config)
-    with pytest.raises(DomainError, match="not a valid run config"):
+    with pytest.raises(RunConfigError, match="not a valid run config") as err:
         run.read()
+    assert isinstance(err.value, DomainError) and "greater than or equal to 1" in err.value.reason
+    assert str(run.config_path) not in err.value.reason  # the bare reason, for messages that name the file themselves

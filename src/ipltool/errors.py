@@ -34,6 +34,19 @@ class DomainError(UsageError):
     """A domain file that cannot be read, parsed or validated, or a domain name not found."""
 
 
+class RunConfigError(DomainError):
+    """A run folder's `config.toml` that is TOML but not a valid domain.
+
+    Args:
+        message: the one-line error, naming the file.
+        reason: pydantic's first message alone, for callers that name the file themselves.
+    """
+
+    def __init__(self, message: str, reason: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.reason = reason
+
+
 class UnknownNameError(UsageError):
     """A plugin, model or architecture name that is not installed or registered."""
 

@@ -21,7 +21,7 @@ import torch
 
 from ipltool.atomic import atomic_write_text
 from ipltool.domain import Domain, load_domain
-from ipltool.errors import DomainError, UsageError
+from ipltool.errors import RunConfigError, UsageError
 from ipltool.images import UnreadableImage, find_images, load_rgb
 from ipltool.models.stylegan2 import Generator, load_generator, load_source_generator
 from ipltool.render.latents import seed_w, seed_z, truncation_centre
@@ -201,7 +201,7 @@ def resolve_input(spec: Path, domain_name: str | None, report_dir: Path) -> Eval
             raise NotEvaluable(spec, f"an unfinished adapt run (no {GENERATOR_NAME})", hint=f"finish it with `ipl adapt --resume {spec}`")
         try:
             domain, _ = run.read()
-        except DomainError as err:
+        except RunConfigError as err:
             raise NotEvaluable(spec, f"a run whose config.toml is not a valid domain ({err.reason})") from None
         return EvalInput(
             _method_label(domain), spec.name, domain, "run", spec, spec / "eval-cache",

@@ -33,7 +33,7 @@ from ipltool.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_t
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ipltool.domain import NAME_PATTERN, Domain
-from ipltool.errors import DomainError, UsageError
+from ipltool.errors import RunConfigError, UsageError
 
 __all__ = ["RunDir", "RunInfo", "capture_rng_state", "finished_runs", "restore_rng_state"]
 
@@ -391,7 +391,7 @@ class RunDir:
 
         Raises:
             UsageError: the config cannot be read (see `read_info`).
-            DomainError: the rest of it is not a valid domain; the message names the file,
+            RunConfigError: the rest of it is not a valid domain; the message names the file,
                 and `reason` holds pydantic's first message.
         """
         config = self.read_config()
@@ -401,9 +401,7 @@ class RunDir:
             return Domain.model_validate(config), info
         except ValidationError as err:
             reason = err.errors()[0]["msg"]
-            error = DomainError(f"{self.config_path}: not a valid run config ({reason})")
-            error.reason = reason
-            raise error from None
+            raise RunConfigError(f"{self.config_path}: not a valid run config ({reason})", reason) from None
 
     def write(self, domain: Domain, info: RunInfo) -> None:
         """Replace `config.toml` with `domain` and `info` (a resumed run that is extended)."""
