@@ -14,6 +14,7 @@ from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.interrupt import graceful_stop
 from ipltool.outdir import check_output_folder
+from ipltool.compiled import COMPILE_HELP
 from ipltool.precision import precision_option
 from ipltool.progress import step_progress
 
@@ -36,6 +37,7 @@ def adapt(
     out: Path = runs_option(),
     save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
+    compile_renders: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:
@@ -68,7 +70,7 @@ def adapt(
     if len(domains) > 1:
         if resume is not None or mapper_path is not None:
             raise UsageError("--resume and --mapper take one domain", hint="adapt the domains in one command, or resume each run on its own")
-        _adapt_many(domains, out, named, sets, clip, smoke, precision, save_every, json_output)
+        _adapt_many(domains, out, named, sets, clip, smoke, precision, save_every, json_output, compile_renders)
         return
     run = info = None
     if resume is not None:
@@ -83,7 +85,9 @@ def adapt(
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
-        options = RunOptions(smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop)
+        options = RunOptions(
+            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders
+        )
         done = run_adapt(resolved, out, options, run=run, info=info, mapper_path=mapper_path)
     if console.wants_json(json_output):
         console.print_json(_record(done, resolved, smoke))
@@ -107,7 +111,9 @@ def _record(done, resolved, smoke: bool) -> dict:
     }
 
 
-def _adapt_many(domains: list[str], out: Path, named: dict, sets, clip, smoke: bool, precision, save_every: int, json_output: bool) -> None:
+def _adapt_many(
+    domains: list[str], out: Path, named: dict, sets, clip, smoke: bool, precision, save_every: int, json_output: bool, compiled: bool
+) -> None:
     """Adapt several domains, one run directory each; under torchrun each rank takes its share.
 
     Every domain is checked before any training starts. A domain that fails is reported
@@ -129,7 +135,7 @@ def _adapt_many(domains: list[str], out: Path, named: dict, sets, clip, smoke: b
     records = []
     device = resolve_device(console.options.device)
     with graceful_stop() as stop:
-        options = RunOptions(smoke, precision, save_every, device, step_progress, stop)
+        options = RunOptions(smoke, precision, save_every, device, step_progress, stop, compiled=compiled)
         for name in mine:
             try:
                 done = run_adapt(resolved[name], out, options)

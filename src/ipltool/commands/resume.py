@@ -97,7 +97,7 @@ def continue_run(
         UsageError: a setting flag was given, the run is another command's, it cannot be
             written to, or `--precision` differs from the run's.
     """
-    from ipltool.train.run import RunDir, RunInfo
+    from ipltool.train.run import RunDir
 
     refuse_changes({**given, **{flag: value for key, (flag, value) in named.items() if key != steps_key}}, smoke)
     run = RunDir.open(path)

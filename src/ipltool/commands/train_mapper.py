@@ -14,6 +14,7 @@ from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.interrupt import graceful_stop
 from ipltool.outdir import check_output_folder
+from ipltool.compiled import COMPILE_HELP
 from ipltool.precision import precision_option
 from ipltool.progress import step_progress
 
@@ -32,6 +33,7 @@ def train_mapper(
     chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
     save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
+    compile_renders: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:
@@ -68,7 +70,9 @@ def train_mapper(
     if smoke:
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
-        options = RunOptions(smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop)
+        options = RunOptions(
+            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders
+        )
         done = run_train_mapper(resolved, out, options, run=run, info=info, chunk=chunk)
     run, result, run_precision = done.run, done.stage1, done.precision
     if console.wants_json(json_output):

@@ -51,6 +51,7 @@ class RunOptions:
         device: where the models run.
         stage_progress: progress of each stage (see `StageProgress`).
         stop: a stop request polled between steps (`interrupt.graceful_stop`).
+        compiled: stage 1's renders through `torch.compile` (`--compile`, `ipltool.compiled`).
     """
 
     smoke: bool = False
@@ -59,6 +60,7 @@ class RunOptions:
     device: torch.device | str = "cpu"
     stage_progress: StageProgress = _no_progress
     stop: StopRequest | None = None
+    compiled: bool = False
 
 
 @dataclass
@@ -171,7 +173,10 @@ def adapt(
                 check_mapper(ckpt, domain, models, run.mapper_path)
             else:  # continues from a stage-1 state.pt of an interrupted attempt, if any
                 with stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
-                    run_stage1(domain, models, run, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every, command="adapt")
+                    run_stage1(
+                        domain, models, run, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every,
+                        command="adapt", compiled=o.compiled,
+                    )
                 mapper, _ = load_mapper(run.mapper_path, device, n_ctx=models.prompts.n_ctx, dim=models.prompts.dim)
         with stage_progress(domain.adapt.steps, f"stage 2: {domain.adapt.method}") as on_step:
             result = run_stage2(domain, models, run, mapper, save_every=info.save_every, on_step=on_step, stop=stop, precision=run_precision)
@@ -217,5 +222,8 @@ def train_mapper(
     # A full disk or read-only folder ends the run with one line; state.pt keeps the last saved step.
     then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
     with write_failures(run.path, "--resume" if resumed else "--out", then), o.stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
-        result = run_stage1(domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=o.stop, save_every=info.save_every)
+        result = run_stage1(
+            domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=o.stop, save_every=info.save_every,
+            compiled=o.compiled,
+        )
     return MapperResult(run, result, run_precision)

@@ -7,6 +7,7 @@ run resumed from step k ends with the mapper an uninterrupted run reaches.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from ipltool import checkpoints
+from ipltool.compiled import compiled_renders
 from ipltool.domain import Domain, Mapper
 from ipltool.errors import Interrupted, UsageError
 from ipltool.interrupt import StopRequest
@@ -79,6 +81,7 @@ def run_stage1(
     stop: StopRequest | None = None,
     save_every: int = 50,
     command: str = "train-mapper",
+    compiled: bool = False,
 ) -> Stage1Result:
     """Train the domain's mapper, continuing from `run/state.pt` when it holds a stage-1 state.
 
@@ -87,7 +90,8 @@ def run_stage1(
     `state.pt`; at the end `mapper.pt` and a final `state.pt` (so `--resume --steps N`
     can extend the run). When `stop` is raised between steps, the state is saved and
     `Interrupted` is raised. `precision` sets the autocast of the forward passes (see
-    `ipltool.precision`); the saved mapper weights are float32 either way.
+    `ipltool.precision`); the saved mapper weights are float32 either way. `compiled`
+    runs the renders and CLIP's image encodings through `torch.compile` (`--compile`).
 
     Args:
         command: the command whose `--resume` continues the run ("train-mapper" or "adapt"), for messages.
@@ -127,25 +131,28 @@ def run_stage1(
     run.truncate_log(step, stage=STAGE)  # steps logged after the saved state run again
     result = Stage1Result(last={}, resumed_from=step)
     state = Stage1State(mapper, optimizer, targets, precision, scaler, step)
-    while step < steps:
-        if stop is not None and stop.requested:
-            _save(run, step, mapper, optimizer, scaler)
-            raise Interrupted(
-                f"stopped at step {step} of {steps} of stage 1; the state is saved",
-                hint=f"continue with: ipl {command} --resume {run.path}",
-            )
-        started = time.perf_counter()
-        with guard.step(step + 1):
-            terms = stage1_step(state, models.source, models.prompts, domain, chunk)
-        step += 1
-        guard.check(step, terms["loss"])  # before anything is logged or saved
-        result.last = {"stage": STAGE, "step": step, **terms, "seconds": round(time.perf_counter() - started, 4)}
-        run.log(result.last)
-        if on_step is not None:
-            on_step(step, terms)
-        if step % save_every == 0 and step < steps:
-            _save(run, step, mapper, optimizer, scaler)
-            guard.saved_step = step
+    # --compile: the renders and image encodings of the loop compiled (`ipltool.compiled`).
+    renders = compiled_renders(models.source, [clip for clip, _ in models.clips]) if compiled else contextlib.nullcontext()
+    with renders:
+        while step < steps:
+            if stop is not None and stop.requested:
+                _save(run, step, mapper, optimizer, scaler)
+                raise Interrupted(
+                    f"stopped at step {step} of {steps} of stage 1; the state is saved",
+                    hint=f"continue with: ipl {command} --resume {run.path}",
+                )
+            started = time.perf_counter()
+            with guard.step(step + 1):
+                terms = stage1_step(state, models.source, models.prompts, domain, chunk)
+            step += 1
+            guard.check(step, terms["loss"])  # before anything is logged or saved
+            result.last = {"stage": STAGE, "step": step, **terms, "seconds": round(time.perf_counter() - started, 4)}
+            run.log(result.last)
+            if on_step is not None:
+                on_step(step, terms)
+            if step % save_every == 0 and step < steps:
+                _save(run, step, mapper, optimizer, scaler)
+                guard.saved_step = step
     atomic_torch_save(mapper_checkpoint(mapper, domain, optimizer), run.mapper_path)
     _save(run, step, mapper, optimizer, scaler)  # the final state lets `--resume --steps N` extend the run
     return result
