@@ -91,3 +91,13 @@ def test_a_failing_compiler_ends_the_run_with_one_line_that_says_what_to_do(run_
     assert code == 1
     assert "--compile: torch.compile failed" in err and "No working C++ compiler" in err and "run without --compile" in err
     assert "Traceback" not in err
+
+
+def test_compile_without_a_stage_one_says_it_does_nothing(run_cli, tmp_path, monkeypatch):
+    entered = []
+    monkeypatch.setattr(stage1_run, "compiled_renders", lambda *args: entered.append(args) or contextlib.nullcontext())
+    code, out, err = run_cli(
+        "--device", "cpu", "adapt", "--domain", "disney", "--smoke", "--compile", "--set", 'adapt.method="nada"', "--out", str(tmp_path),
+    )
+    assert code == 0, err
+    assert "--compile does nothing here: method nada has no stage 1" in err and entered == []

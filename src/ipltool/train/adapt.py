@@ -141,6 +141,9 @@ def adapt(
     stage1 = ipl and mapper_path is None and (run is None or not run.mapper_path.exists())
     if stage1:
         registry.require("mappers", domain.mapper.kind)
+    elif o.compiled:  # said, not silently ignored: only stage 1 is compiled
+        why = "method nada has no stage 1" if not ipl else "--mapper replaces stage 1" if mapper_path is not None else "this run's stage 1 is done"
+        console.info(f"[yellow]--compile does nothing here: {why}, and stage 2 is never compiled[/]")
     run_precision = Precision.of(o.precision, device)
     models = build_models(domain, device, smoke=smoke)  # fails before any run dir exists
     check_layer_k(domain, models.source)
