@@ -111,12 +111,14 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
             return layer_scores(*args, **kwargs)
 
         stage2.layer_scores = counted
-        state = start_stage2(source, domain, amp)
-        terms = clip_terms([(clip, 1.0)], domain)
-        last = time.perf_counter()
-        for _ in range(steps):
-            tick(0, stage2_step(state, source, terms, domain, mapper, prompts))
-        stage2.layer_scores = layer_scores
+        try:
+            state = start_stage2(source, domain, amp)
+            terms = clip_terms([(clip, 1.0)], domain)
+            last = time.perf_counter()
+            for _ in range(steps):
+                tick(0, stage2_step(state, source, terms, domain, mapper, prompts))
+        finally:
+            stage2.layer_scores = layer_scores
     result = {
         "case": case,
         "size": size,

@@ -10,11 +10,11 @@ import typer
 from ipltool import console
 from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
 from ipltool.commands.resume import continue_run
+from ipltool.compiled import COMPILE_HELP
 from ipltool.devices import resolve_device
 from ipltool.errors import UsageError
 from ipltool.interrupt import graceful_stop
 from ipltool.outdir import check_output_folder
-from ipltool.compiled import COMPILE_HELP
 from ipltool.precision import precision_option
 from ipltool.progress import step_progress
 
