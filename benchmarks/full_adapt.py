@@ -57,6 +57,8 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--mapper-steps", type=int, default=PAPER_STEPS)
     parser.add_argument("--adapt-steps", type=int, default=PAPER_STEPS)
+    parser.add_argument("--chunk", type=int, default=8, help="`ipl adapt --chunk`: images stage 1 and the layer choice render at once")
+    parser.add_argument("--compile", action="store_true", help="`ipl adapt --compile` (stage 1's renders through torch.compile)")
     parser.add_argument("--work", type=Path, help="folder for the model files and the run (default: a temporary one)")
     args = parser.parse_args()
 
@@ -74,7 +76,8 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         command = ["--device", args.device, "--quiet", "adapt", "--domain", "disney", "--set", f"generator={generator}",
                    "--clip", f"ViT-B-32:{clip}", "--set", f"mapper.steps={args.mapper_steps}", "--set", f"adapt.steps={args.adapt_steps}",
-                   "--precision", args.precision, "--out", str(work / "runs"),
+                   "--precision", args.precision, "--chunk", str(args.chunk), "--out", str(work / "runs"),
+                   *(["--compile"] if args.compile else []),
                    # disney's k is the one for 1024 px (18 W+ codes); other sizes take their reference default
                    "--layers", str(Adapt.default_layer_k(2 * int(math.log2(args.size)) - 2))]
         start = time.perf_counter()
@@ -92,6 +95,8 @@ def main() -> int:
             "size": args.size,
             "device": args.device,
             "precision": args.precision,
+            "chunk": args.chunk,
+            "compiled": args.compile,
             "kernels": os.environ.get("IPL_KERNELS", "auto"),
             "steps": {stage: len(s) for stage, s in seconds.items()},
             "wall_s": round(wall, 1),
@@ -103,6 +108,7 @@ def main() -> int:
         }
         if args.device.startswith("cuda"):
             result["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            result["peak_cuda_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 2)
         print(json.dumps(result))
     return 0
 

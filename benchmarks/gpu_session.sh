@@ -18,7 +18,10 @@
 #   3. benchmarks/gpu_speed.py: native vs compiled kernels, fp32 vs bf16, stage 1, stage 2,
 #      stylize, peak GPU memory;
 #   4. benchmarks/full_adapt.py: a whole `ipl adapt` at 1024 px, config-f and ViT-B/32 random
-#      weights, bf16 with the compiled kernels, 30 + 30 steps projected to 300 + 300.
+#      weights, bf16 with the compiled kernels, 30 + 30 steps projected to 300 + 300, with
+#      `--chunk 4`: the layer choice's 8 images with gradients at once hold 11.9 GiB of
+#      tensors in bf16, by 4 6.6 GiB (benchmarks/peak_memory.py on a CPU), and the target
+#      is 12 GB of GPU memory. Its peak allocated and reserved memory come back in the JSON.
 # The figures go into benchmarks/RESULTS.md by hand, with the device the reply names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,5 +63,5 @@ timeout 200 python3 benchmarks/gpu_speed.py --steps 3 --photos 16 --repeats 10 -
 
 step "whole adapt, 1024 px, bf16, compiled kernels"
 IPL_KERNELS=cuda timeout 150 python3 benchmarks/full_adapt.py --size 1024 --device cuda --precision bf16 \
-    --mapper-steps 30 --adapt-steps 30 2>&1 | tee "$OUT/full_adapt.log" | tail -3
+    --mapper-steps 30 --adapt-steps 30 --chunk 4 2>&1 | tee "$OUT/full_adapt.log" | tail -3
 step "done"

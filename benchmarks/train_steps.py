@@ -112,7 +112,7 @@ def run_case(case: str, size: int, steps: int, device: str, chunk: int, precisio
 
         stage2.layer_scores = counted
         try:
-            state = start_stage2(source, domain, amp)
+            state = start_stage2(source, domain, amp, chunk)
             terms = clip_terms([(clip, 1.0)], domain)
             last = time.perf_counter()
             for _ in range(steps):
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4, help="steps per case (the first is not counted)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--chunk", type=int, default=8, help="images rendered and encoded at once in stage 1")
+    parser.add_argument("--chunk", type=int, default=8, help="images rendered at once by stage 1 and the layer choice (`ipl adapt --chunk`)")
     parser.add_argument("--precision", default="fp32", choices=CHOICES, help="fp32 (default), bf16, fp16 or auto (autocast, as `ipl adapt --precision`)")
     parser.add_argument("--no-write", action="store_true", help="print the figures without touching RESULTS.md")
     args = parser.parse_args()

@@ -83,7 +83,7 @@ def test_memory_running_out_during_a_step_names_the_flag_and_keeps_the_state(run
 
     monkeypatch.setattr(stage2_run, "stage2_step", step)
     code, _, err = _run(run_cli, tmp_path, "adapt", "--domain", "disney", "--smoke", "--method", "nada", "--steps", "5", "--save-every", "1")
-    _one_line_error(code, err, message, "start again with a lower --batch (adapt.batch) or --set adapt.auto_layer_batch=N", "last finite state (step 2)")
+    _one_line_error(code, err, message, "start again with a lower --chunk (images the layer choice renders at once; same results) or --batch (adapt.batch)", "last finite state (step 2)")
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert RunDir.open(run_dir).load_state()["step"] == 2 and not (run_dir / "generator.pt").exists()
 

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from ipltool import console
-from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
+from ipltool.commands.overrides import (
+    apply_flags, chunk_option, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option,
+)
 from ipltool.commands.resume import continue_run
 from ipltool.compiled import COMPILE_HELP
 from ipltool.devices import resolve_device
@@ -38,6 +40,7 @@ def adapt(
     save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
     compile_renders: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    chunk: int = chunk_option("stage 1, the layer choice and the sample grids"),
     smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:
@@ -53,6 +56,7 @@ def adapt(
     from ipltool.domain import load_domain
     from ipltool.train.adapt import RunOptions
     from ipltool.train.adapt import adapt as run_adapt
+    from ipltool.train.guard import describe_peak
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES
 
     named = {  # domain key: (flag, value); a bad value is reported as the flag
@@ -70,7 +74,7 @@ def adapt(
     if len(domains) > 1:
         if resume is not None or mapper_path is not None:
             raise UsageError("--resume and --mapper take one domain", hint="adapt the domains in one command, or resume each run on its own")
-        _adapt_many(domains, out, named, sets, clip, smoke, precision, save_every, json_output, compile_renders)
+        _adapt_many(domains, out, named, sets, clip, smoke, precision, save_every, json_output, compile_renders, chunk)
         return
     run = info = None
     if resume is not None:
@@ -86,13 +90,14 @@ def adapt(
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
         options = RunOptions(
-            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders
+            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders, chunk=chunk
         )
         done = run_adapt(resolved, out, options, run=run, info=info, mapper_path=mapper_path)
     if console.wants_json(json_output):
         console.print_json(_record(done, resolved, smoke))
     else:
         console.out.print(f"adapted generator written to {console.escape(done.run.generator_path)}")
+        console.info(describe_peak(options.device, done.peak_memory))
 
 
 def _record(done, resolved, smoke: bool) -> dict:
@@ -108,11 +113,13 @@ def _record(done, resolved, smoke: bool) -> dict:
         "last": result.last,
         "smoke": smoke,
         "precision": done.precision.name,
+        "peak_memory_bytes": done.peak_memory,  # guard.peak_memory: GPU allocator, or resident set on a CPU
     }
 
 
 def _adapt_many(
-    domains: list[str], out: Path, named: dict, sets, clip, smoke: bool, precision, save_every: int, json_output: bool, compiled: bool
+    domains: list[str], out: Path, named: dict, sets, clip, smoke: bool, precision, save_every: int, json_output: bool, compiled: bool,
+    chunk: int,
 ) -> None:
     """Adapt several domains, one run directory each; under torchrun each rank takes its share.
 
@@ -135,7 +142,7 @@ def _adapt_many(
     records = []
     device = resolve_device(console.options.device)
     with graceful_stop() as stop:
-        options = RunOptions(smoke, precision, save_every, device, step_progress, stop, compiled=compiled)
+        options = RunOptions(smoke, precision, save_every, device, step_progress, stop, compiled=compiled, chunk=chunk)
         for name in mine:
             try:
                 done = run_adapt(resolved[name], out, options)

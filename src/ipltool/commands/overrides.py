@@ -53,6 +53,14 @@ def save_every_option():
     return typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it).")
 
 
+def chunk_option(stages: str):
+    """`--chunk N` of the training commands; `stages` names what renders in chunks there."""
+    return typer.Option(
+        8, "--chunk", min=1,
+        help=f"Images rendered at once by {stages}: lower it when memory runs out (e.g. 4 or 2 at 1024 px on an 11-12 GB GPU); the results stay the same to float rounding.",
+    )
+
+
 def smoke_option():
     """`--smoke`: tiny random models."""
     return typer.Option(False, "--smoke", help="Run the whole pipeline on tiny random models, in seconds.")

@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 
 from ipltool import console
-from ipltool.commands.overrides import apply_flags, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option
+from ipltool.commands.overrides import (
+    apply_flags, chunk_option, clip_option, domain_option, runs_option, save_every_option, set_option, smoke_option,
+)
 from ipltool.commands.resume import continue_run
 from ipltool.compiled import COMPILE_HELP
 from ipltool.devices import resolve_device
@@ -30,7 +32,7 @@ def train_mapper(
     clip: Optional[list[str]] = clip_option(),
     sets: Optional[list[str]] = set_option(),
     out: Path = runs_option(),
-    chunk: int = typer.Option(8, min=1, help="Images rendered at once (memory vs speed; results do not change)."),
+    chunk: int = chunk_option("stage 1"),
     save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
     compile_renders: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
@@ -48,6 +50,7 @@ def train_mapper(
     from ipltool.domain import load_domain
     from ipltool.train.adapt import RunOptions
     from ipltool.train.adapt import train_mapper as run_train_mapper
+    from ipltool.train.guard import describe_peak
     from ipltool.train.setup import SMOKE_NOTE, SMOKE_OVERRIDES
 
     named = {  # domain key: (flag, value); a bad value is reported as the flag
@@ -71,16 +74,18 @@ def train_mapper(
         console.info(f"[yellow]{SMOKE_NOTE}[/]")
     with graceful_stop() as stop:
         options = RunOptions(
-            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders
+            smoke, precision, save_every, resolve_device(console.options.device), step_progress, stop, compiled=compile_renders, chunk=chunk
         )
-        done = run_train_mapper(resolved, out, options, run=run, info=info, chunk=chunk)
+        done = run_train_mapper(resolved, out, options, run=run, info=info)
     run, result, run_precision = done.run, done.stage1, done.precision
     if console.wants_json(json_output):
         console.print_json(
             {
                 "run_dir": str(run.path), "mapper": str(run.mapper_path), "last_step": result.last, "steps": resolved.mapper.steps,
                 "resumed_from": result.resumed_from, "smoke": smoke, "precision": run_precision.name,
+                "peak_memory_bytes": done.peak_memory,
             }
         )
     else:
         console.out.print(f"mapper written to {console.escape(run.mapper_path)}")
+        console.info(describe_peak(options.device, done.peak_memory))

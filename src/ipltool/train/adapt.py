@@ -24,7 +24,7 @@ from ipltool.interrupt import StopRequest
 from ipltool.models.mappers import load_mapper
 from ipltool.outdir import write_failures
 from ipltool.precision import Precision
-from ipltool.train.guard import check_memory
+from ipltool.train.guard import check_memory, peak_memory, reset_peak_memory
 from ipltool.train.run import MAPPER_NAME, RunDir, RunInfo
 from ipltool.train.setup import Models, build_models
 from ipltool.train.stage1_run import Stage1Result, run_stage1
@@ -52,6 +52,8 @@ class RunOptions:
         stage_progress: progress of each stage (see `StageProgress`).
         stop: a stop request polled between steps (`interrupt.graceful_stop`).
         compiled: stage 1's renders through `torch.compile` (`--compile`, `ipltool.compiled`).
+        chunk: images rendered at once by stage 1, the layer choice and the sample grids
+            (`--chunk`): memory against speed; the results agree to float rounding.
     """
 
     smoke: bool = False
@@ -61,15 +63,17 @@ class RunOptions:
     stage_progress: StageProgress = _no_progress
     stop: StopRequest | None = None
     compiled: bool = False
+    chunk: int = 8
 
 
 @dataclass
 class AdaptResult:
-    """A finished adaptation: its run directory, what stage 2 reported, the precision it ran in."""
+    """A finished adaptation: its run directory, what stage 2 reported, the precision it ran in, its peak memory in bytes (`guard.peak_memory`)."""
 
     run: RunDir
     stage2: Stage2Result
     precision: Precision
+    peak_memory: int | None = None
 
 
 def mapper_file(path: Path) -> Path:
@@ -145,9 +149,10 @@ def adapt(
         why = "method nada has no stage 1" if not ipl else "--mapper replaces stage 1" if mapper_path is not None else "this run's stage 1 is done"
         console.info(f"[yellow]--compile does nothing here: {why}, and stage 2 is never compiled[/]")
     run_precision = Precision.of(o.precision, device)
+    reset_peak_memory(device)
     models = build_models(domain, device, smoke=smoke)  # fails before any run dir exists
     check_layer_k(domain, models.source)
-    check_memory(domain, models.source, device, ("mapper", "adapt") if stage1 else ("adapt",), command="adapt")
+    check_memory(domain, models.source, device, ("mapper", "adapt") if stage1 else ("adapt",), command="adapt", chunk=o.chunk)
 
     mapper = ckpt_source = None
     if ipl and mapper_path is not None:
@@ -177,32 +182,32 @@ def adapt(
             else:  # continues from a stage-1 state.pt of an interrupted attempt, if any
                 with stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
                     run_stage1(
-                        domain, models, run, on_step=on_step, precision=run_precision, stop=stop, save_every=info.save_every,
-                        command="adapt", compiled=o.compiled,
+                        domain, models, run, chunk=o.chunk, on_step=on_step, precision=run_precision, stop=stop,
+                        save_every=info.save_every, command="adapt", compiled=o.compiled,
                     )
                 mapper, _ = load_mapper(run.mapper_path, device, n_ctx=models.prompts.n_ctx, dim=models.prompts.dim)
         with stage_progress(domain.adapt.steps, f"stage 2: {domain.adapt.method}") as on_step:
-            result = run_stage2(domain, models, run, mapper, save_every=info.save_every, on_step=on_step, stop=stop, precision=run_precision)
-    return AdaptResult(run, result, run_precision)
+            result = run_stage2(
+                domain, models, run, mapper, save_every=info.save_every, on_step=on_step, stop=stop, precision=run_precision, chunk=o.chunk
+            )
+    return AdaptResult(run, result, run_precision, peak_memory(device))
 
 
 @dataclass
 class MapperResult:
-    """A finished stage-1 run: its run directory (holding `mapper.pt`), what stage 1 reported, the precision."""
+    """A finished stage-1 run: its run directory (holding `mapper.pt`), what stage 1 reported, the precision, the peak memory."""
 
     run: RunDir
     stage1: Stage1Result
     precision: Precision
+    peak_memory: int | None = None
 
 
 def train_mapper(
     domain: Domain, out: Path | None = None, options: RunOptions | None = None, *,
-    run: RunDir | None = None, info: RunInfo | None = None, chunk: int = 8,
+    run: RunDir | None = None, info: RunInfo | None = None,
 ) -> MapperResult:
     """Train `domain`'s prompt mapper (stage 1) and write `mapper.pt`; arguments as for `adapt`.
-
-    Args:
-        chunk: images rendered at once (memory vs speed; the results do not change).
 
     Raises:
         UsageError, NonFiniteError, Interrupted: as `adapt`.
@@ -213,8 +218,9 @@ def train_mapper(
     device, smoke = torch.device(o.device), o.smoke
     registry.require("mappers", domain.mapper.kind)  # fail before any run dir exists
     run_precision = Precision.of(o.precision, device)
+    reset_peak_memory(device)
     models = build_models(domain, device, smoke=smoke)
-    check_memory(domain, models.source, device, ("mapper",), command="train-mapper")
+    check_memory(domain, models.source, device, ("mapper",), command="train-mapper", chunk=o.chunk)
     resumed = run is not None
     if run is None:
         info = RunInfo(stage="mapper", smoke=smoke, device=str(device), save_every=o.save_every, precision=run_precision.name)
@@ -226,7 +232,7 @@ def train_mapper(
     then = f"then `ipl train-mapper --resume {run.path}` continues from the last saved step"
     with write_failures(run.path, "--resume" if resumed else "--out", then), o.stage_progress(domain.mapper.steps, "stage 1: mapper") as on_step:
         result = run_stage1(
-            domain, models, run, chunk=chunk, on_step=on_step, precision=run_precision, stop=o.stop, save_every=info.save_every,
+            domain, models, run, chunk=o.chunk, on_step=on_step, precision=run_precision, stop=o.stop, save_every=info.save_every,
             compiled=o.compiled,
         )
-    return MapperResult(run, result, run_precision)
+    return MapperResult(run, result, run_precision, peak_memory(device))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -232,6 +233,52 @@ def available_memory(device: torch.device) -> int | None:
     return (int(fields["MemAvailable"]) + int(fields.get("SwapFree", 0))) * 1024
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start counting `peak_memory(device)` from now: the GPU's allocator statistics, or the process's peak resident set (Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        try:  # "5" resets VmHWM, the peak resident set (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # then the peak counts from the process's start
+
+
+def peak_memory(device: torch.device | str) -> int | None:
+    """Bytes at the peak since `reset_peak_memory`: what the GPU allocator reserved, or the resident set on a CPU; None if unknown.
+
+    On a GPU this is what the card had to hold for the tensors (the allocator's cache
+    included, the CUDA context of about 0.5 GB not); on a CPU the whole process
+    (libraries and models included).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_reserved(device))
+    if device.type != "cpu":
+        return None
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    if found:
+        return int(found.group(1)) * 1024
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB elsewhere
+
+
+def describe_peak(device: torch.device | str, peak: int | None) -> str:
+    """`peak memory 11.2 GiB (cuda, allocator)` for the end of a run, or `peak memory unknown (mps)`."""
+    if peak is None:
+        return f"peak memory unknown ({torch.device(device).type})"
+    what = "allocator" if torch.device(device).type == "cuda" else "resident"
+    return f"peak memory {_gib(peak)} ({torch.device(device).type}, {what})"
+
+
 def _activation_bytes(generator) -> int:
     """Lower bound of the float32 activations one image keeps for the backward pass: one tensor per conv layer."""
     size = generator.size
@@ -248,30 +295,39 @@ def _noise_bytes(generator) -> int:
     return 4 * sum((2 ** ((layer + 5) // 2)) ** 2 for layer in range(generator.num_layers))
 
 
-def memory_needs(domain, generator, stages: Iterable[str], command: str = "adapt") -> list[tuple[str, int, str]]:
-    """Lower bounds of what the batch settings need: `(setting = value, bytes, how to lower it)`.
+def memory_needs(domain, generator, stages: Iterable[str], command: str = "adapt", chunk: int | None = None) -> list[tuple[str, int, str]]:
+    """Lower bounds of what the batch settings need: `(what, bytes, how to lower it)`.
 
     Args:
         domain: the resolved domain ([mapper] and [adapt] batch sizes).
         generator: the source generator (its channels and resolution set the cost per image).
         stages: "mapper" and/or "adapt", the stages the command will run.
         command: "adapt" or "train-mapper": which flag sets which batch.
+        chunk: images the layer choice renders at once (`--chunk`; None: its whole batch).
     """
     needs = []
     if "mapper" in stages:
         batch = domain.mapper.batch
         flag = "--batch" if command == "train-mapper" else "--set mapper.batch=N"
-        needs.append((f"mapper.batch = {batch}", batch * _noise_bytes(generator), flag))
+        needs.append((f"mapper.batch = {batch}", batch * _noise_bytes(generator), f"lower it with {flag}"))
     if "adapt" in stages:
         per_image = _activation_bytes(generator)
-        needs.append((f"adapt.batch = {domain.adapt.batch}", domain.adapt.batch * per_image, "--batch"))
+        needs.append((f"adapt.batch = {domain.adapt.batch}", domain.adapt.batch * per_image, "lower it with --batch"))
         if domain.adapt.auto_layer_iters > 0:
             n = domain.adapt.auto_layer_batch
-            needs.append((f"adapt.auto_layer_batch = {n}", n * per_image, "--set adapt.auto_layer_batch=N"))
+            # The whole batch's noise and W+ codes are drawn at once; its renders hold
+            # one chunk's activations at a time.
+            held = _noise_bytes(generator) + 2 * 4 * generator.n_latent * generator.style_dim
+            needs.append((f"adapt.auto_layer_batch = {n}", n * held, "lower it with --set adapt.auto_layer_batch=N"))
+            at_once = min(chunk or n, n)
+            what = f"the layer choice's renders ({at_once} at a time, --chunk)" if at_once < n else f"adapt.auto_layer_batch = {n}"
+            needs.append((what, at_once * per_image, "render fewer at once with --chunk N (the same results)"))
     return needs
 
 
-def check_memory(domain, generator, device: torch.device | str, stages: Iterable[str], command: str = "adapt") -> None:
+def check_memory(
+    domain, generator, device: torch.device | str, stages: Iterable[str], command: str = "adapt", chunk: int | None = None
+) -> None:
     """Refuse, before anything runs, a batch setting that surely does not fit in the memory of `device`.
 
     The estimate is a lower bound (one float32 tensor per generator layer and image), so a
@@ -285,9 +341,9 @@ def check_memory(domain, generator, device: torch.device | str, stages: Iterable
     available = available_memory(device)
     if available is None:
         return
-    for setting, need, flag in memory_needs(domain, generator, stages, command):
+    for setting, need, hint in memory_needs(domain, generator, stages, command, chunk):
         if need > available:
             raise UsageError(
                 f"{setting} needs at least {_gib(need)} of memory on {device}; {_gib(available)} is available",
-                hint=f"lower it with {flag}",
+                hint=hint,
             )

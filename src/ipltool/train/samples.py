@@ -40,13 +40,15 @@ class SampleGrid:
         fixed_z: (N, style_dim) latents.
         truncation: psi, 0.7 in the reference.
         seed: seeds the mean-latent draw.
-        chunk: latents rendered at once (memory only; images do not change).
+        chunk: latents rendered at once (memory only; images do not change); `CHUNK` by default.
         tile: edge of one sample in the PNG, px (`adapt.sample_size`).
         title: start of the caption strip, e.g. "disney · ipl"; the step follows it.
     """
 
+    CHUNK = 8
+
     def __init__(
-        self, source: Generator, fixed_z: torch.Tensor, truncation: float, seed: int, chunk: int = 8, tile: int = 256, title: str = ""
+        self, source: Generator, fixed_z: torch.Tensor, truncation: float, seed: int, chunk: int = CHUNK, tile: int = 256, title: str = ""
     ):
         device = source.device
         rng = torch.Generator(device=device).manual_seed(seed)

@@ -123,7 +123,7 @@ def run_stage1(
         precision=precision,
         scaler=scaler,
         inputs={"the source generator": models.source, **{f"CLIP {clip.name}": clip.model for clip, _ in models.clips}},
-        lower="--batch or --chunk" if command == "train-mapper" else "--set mapper.batch=N",
+        lower="--batch or --chunk" if command == "train-mapper" else "--chunk or --set mapper.batch=N",
     )
     if restored is not None:
         guard.check_start(str(run.state_path), {"optimizer state": optimizer.state_dict()["state"]})

@@ -123,6 +123,7 @@ def choose_layers(
     batch: int,
     precision: Precision = FP32,
     scaler: torch.amp.GradScaler | None = None,
+    chunk: int | None = None,
 ) -> list[int]:
     """Pick the `k` W+ indices whose codes move most when optimised towards the target text.
 
@@ -134,7 +135,9 @@ def choose_layers(
     `scaler` (None: `precision.scaler()`) scales it for fp16. In bf16/fp16, when the
     k-th and (k+1)-th scores are too close for the reduced precision to order them
     (`LAYER_CHOICE_MARGIN`), the scores are computed again in fp32 from the same z and
-    noise, so the layers are the ones fp32 would pick.
+    noise, so the layers are the ones fp32 would pick. `chunk` renders that many of the
+    batch at a time (None: all at once; see `layer_scores`): the memory of the choice,
+    which sets the peak of a stage-2 step at 1024 px, without changing its arithmetic.
 
     Returns:
         The chosen W+ indices (see `Generator.layer_for_style_index`).
@@ -144,11 +147,12 @@ def choose_layers(
     # Drawn up front, in the order the loop used to draw them (nothing else draws in
     # between), so that an fp32 confirmation sees the same noise.
     noises = [trainable.draw_noise(batch) for _ in range(iters)]
-    scores = layer_scores(source, trainable, terms, z, noises, precision, scaler)
+    scores = layer_scores(source, trainable, terms, z, noises, precision, scaler, chunk)
     if precision.reduced and ambiguous(scores, k):
-        # In halves: the fp32 pass at full batch would lift the peak memory of a bf16 run
-        # above that of an fp32 run (stage 2 @ 256: 7.9 against 7.3 GB, benchmarks/RESULTS.md).
-        scores = layer_scores(source, trainable, terms, z, noises, FP32, chunk=max(batch // 2, 1))
+        # Half the reduced pass's chunk: fp32 activations take twice the memory, and at the
+        # same chunk the confirmation would lift the peak of a bf16 run above that of an
+        # fp32 run (stage 2 @ 256: 7.9 against 7.3 GB, benchmarks/RESULTS.md).
+        scores = layer_scores(source, trainable, terms, z, noises, FP32, chunk=max(min(chunk or batch, batch) // 2, 1))
     return torch.topk(scores, k).indices.tolist()
 
 
@@ -182,14 +186,15 @@ def layer_scores(
 ) -> torch.Tensor:
     """The layer choice's score of every W+ index: `mean |w - w0|` after one SGD step on w per entry of `noises`.
 
-    `chunk` renders the batch that many samples at a time (None: all at once). The loss
-    is a mean over samples that never interact, so the gradient is the same sum in parts
-    (each part's mean weighted by its share of the batch), with a part's activations
-    held at a time.
+    `chunk` renders the batch that many samples at a time (None, or the batch or more: all
+    at once, the reference's arithmetic). The loss is a mean over samples that never
+    interact, so the gradient is the same sum in parts (each part's mean weighted by its
+    share of the batch), with a part's activations held at a time; the scores agree with
+    the whole batch's to float rounding.
     """
     scaler = scaler if scaler is not None else precision.scaler()
     batch = z.shape[0]
-    parts = [slice(start, start + chunk) for start in range(0, batch, chunk)] if chunk else [slice(None)]
+    parts = [slice(start, start + chunk) for start in range(0, batch, chunk)] if chunk and chunk < batch else [slice(None)]
     with torch.no_grad():
         w0 = source.to_w_plus([source.mapping(z)])
     w = w0.clone().requires_grad_(True)
@@ -274,14 +279,15 @@ class Stage2State:
     precision: Precision = FP32
     scaler: torch.amp.GradScaler | None = None  # the step's loss scaling (enabled for fp16 only)
     layer_scaler: torch.amp.GradScaler | None = None  # the layer choice's, which has its own loss
+    chunk: int | None = None  # images the layer choice renders at once (None: its whole batch)
 
 
-def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32) -> Stage2State:
+def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32, chunk: int | None = None) -> Stage2State:
     """Copy G_s into G_t and G_ema, build the optimizer, and draw the fixed sample z's.
 
     The fixed z's are drawn first, as in the reference, so the training draws that
     follow match it for the same seed. `precision` sets the autocast of every step and
-    provides its loss scalers.
+    provides its loss scalers; `chunk` the images the layer choice renders at once.
     """
     device = source.device
     fixed_z = torch.randn(domain.adapt.n_sample, source.style_dim, device=device)
@@ -289,7 +295,7 @@ def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32)
     ema = copy.deepcopy(source).eval().requires_grad_(False)
     trainable.requires_grad_(True)
     optimizer = make_optimizer(trainable, domain.adapt.lr)
-    return Stage2State(trainable, ema, optimizer, 0, fixed_z, precision, precision.scaler(), precision.scaler())
+    return Stage2State(trainable, ema, optimizer, 0, fixed_z, precision, precision.scaler(), precision.scaler(), chunk)
 
 
 def text_directions(term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -342,7 +348,7 @@ def stage2_step(
     if cfg.auto_layer_iters > 0:
         chosen = choose_layers(
             source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch,
-            precision, state.layer_scaler,
+            precision, state.layer_scaler, state.chunk,
         )
     train_only(state.trainable, chosen)
 

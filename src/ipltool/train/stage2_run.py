@@ -30,6 +30,10 @@ from ipltool.train.setup import Models
 from ipltool.train.stage2 import Stage2State, check_layer_k, clip_terms, stage2_step, start_stage2, style_image_direction
 
 STAGE = "adapt"
+# What lowers a stage-2 step's memory, first what leaves the results as they are: the layer
+# choice's renders set the peak (config-f at 1024 px in bf16: 11.9 GiB at its batch of 8,
+# 6.6 GiB by 4, benchmarks/RESULTS.md).
+LOWER_STAGE2 = "--chunk (images the layer choice renders at once; same results) or --batch (adapt.batch)"
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _guard(state: Stage2State, domain: Domain, models: Models, run: RunDir, mapp
         precision=state.precision,
         scaler=state.scaler,
         inputs=inputs,
-        lower="--batch (adapt.batch) or --set adapt.auto_layer_batch=N",
+        lower=LOWER_STAGE2,
     )
 
 
@@ -123,6 +127,7 @@ def run_stage2(
     on_step: Callable[[int, dict], None] | None = None,
     stop: StopRequest | None = None,
     precision: Precision = FP32,
+    chunk: int | None = None,
 ) -> Stage2Result:
     """Adapt the generator, continuing from `run/state.pt` when it holds a stage-2 state.
 
@@ -136,6 +141,9 @@ def run_stage2(
         on_step: called as `on_step(step, terms)` after each step.
         precision: autocast and loss scaling of the steps (the run's stored precision
             when resuming); sample grids always render in float32.
+        chunk: images rendered at once by the layer choice and the sample grids (None:
+            the layer choice's whole batch, grids 8 at a time); memory only, the results
+            agree to float rounding.
     """
     cfg = domain.adapt
     check_layer_k(domain, models.source)
@@ -143,7 +151,7 @@ def run_stage2(
     if cfg.style_images is not None:
         _use_style_images(terms, models, domain)
     torch.manual_seed(cfg.seed)
-    state = start_stage2(models.source, domain, precision)
+    state = start_stage2(models.source, domain, precision, chunk)
     resumed = _restore(run, state)
     guard = _guard(state, domain, models, run, mapper)
     if resumed:
@@ -155,7 +163,10 @@ def run_stage2(
             hint="a run can be extended with a larger --steps, never shortened",
         )
     run.truncate_log(state.step if resumed else 0, stage=STAGE)
-    grid = SampleGrid(models.source, state.fixed_z, cfg.truncation, cfg.seed, tile=cfg.sample_size, title=f"{domain.name} · {cfg.method}")
+    grid = SampleGrid(
+        models.source, state.fixed_z, cfg.truncation, cfg.seed, chunk=chunk or SampleGrid.CHUNK, tile=cfg.sample_size,
+        title=f"{domain.name} · {cfg.method}",
+    )
     result = Stage2Result(last={}, resumed_from=state.step)
 
     def write_samples() -> None:
