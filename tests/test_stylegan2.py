@@ -264,3 +264,37 @@ def test_upsampling_by_phases_is_the_transposed_convolution(height, width, chann
     assert phases.shape == reference.shape == (2, 5, 2 * height + 1, 2 * width + 1)
     torch.testing.assert_close(phases, reference, rtol=0, atol=1e-12)
     assert phases.is_contiguous(memory_format=torch.channels_last if channels_last and height * width > 1 else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_renders_without_autograd_work_in_place_and_give_the_same_images(precision):
+    """Without autograd the noise, bias and activation go into the convolution's output in place: same values bit for bit."""
+    from ipltool.precision import Precision
+
+    amp = Precision.of(precision, "cpu")
+    generator = build_generator(GeneratorConfig(size=32, channel_multiplier=1, channel_max=64), seed=0, noise_strength=0.1).eval()
+    generator.requires_grad_(False)
+    w = generator.to_w_plus([generator.mapping(torch.randn(3, generator.style_dim, generator=torch.Generator().manual_seed(1)))])
+    renders = []
+    for grad in (True, False):
+        torch.manual_seed(7)  # the noise is drawn inside: the same draws in both paths
+        with torch.set_grad_enabled(grad), amp.autocast():
+            renders.append(generator.synthesis(w.requires_grad_(grad)).detach())
+    assert torch.equal(renders[0], renders[1])
+
+
+def test_in_place_activation_is_the_activation_written_into_its_input(monkeypatch):
+    from ipltool.kernels import fused_act
+
+    x = torch.randn(2, 5, 4, 4)
+    bias = torch.randn(5)
+    expected = fused_act.fused_leaky_relu(x, bias)
+    y = x.clone()
+    out = fused_act.fused_leaky_relu_(y, bias)
+    assert out.data_ptr() == y.data_ptr() and torch.equal(out, expected)
+    # Where the compiled kernel would run, its one out-of-place pass is used instead.
+    calls = []
+    monkeypatch.setattr(fused_act, "resolve_impl", lambda impl, x: "cuda")
+    monkeypatch.setattr(fused_act, "fused_leaky_relu", lambda *args: calls.append(args) or args[0] * 2)
+    z = x.clone()
+    assert torch.equal(fused_act.fused_leaky_relu_(z, bias), x * 2) and torch.equal(z, x) and len(calls) == 1

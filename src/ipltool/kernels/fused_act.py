@@ -98,6 +98,26 @@ def fused_leaky_relu(
     return _fused_leaky_relu_native(x, bias, negative_slope, scale)
 
 
+def fused_leaky_relu_(
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    negative_slope: float = NEGATIVE_SLOPE,
+    scale: float = GAIN,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """`fused_leaky_relu` written into `x` where the native ops run; for tensors autograd does not follow.
+
+    The same elementwise operations in the same order, so the values are those of
+    `fused_leaky_relu` bit for bit, without allocating three activations. Where the
+    compiled kernel runs, its single pass (out of place) is the cheaper one and is used.
+    """
+    if not (negative_slope >= 0 and scale != 0 and x.ndim >= 2) or resolve_impl(impl, x) == "cuda":
+        return fused_leaky_relu(x, bias, negative_slope, scale, impl)
+    if bias is not None:
+        x.add_(bias.to(x.dtype).view((1, bias.shape[0]) + (1,) * (x.ndim - 2)))
+    return F.leaky_relu_(x, negative_slope).mul_(scale)
+
+
 class FusedLeakyReLU(nn.Module):
     """A learned per-channel bias followed by `fused_leaky_relu` (state dict key: `bias`)."""
 
@@ -109,3 +129,7 @@ class FusedLeakyReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_leaky_relu(x, self.bias, self.negative_slope, self.scale)
+
+    def forward_(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` written into `x` (see `fused_leaky_relu_`): only for a tensor nothing else reads, without autograd."""
+        return fused_leaky_relu_(x, self.bias, self.negative_slope, self.scale)
