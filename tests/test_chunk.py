@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ipltool.domain import load_domain
@@ -153,3 +154,47 @@ def test_the_memory_benchmark_counts_live_tensors_once_each():
     assert tracker.peaks["setup"] == 3 * mib
     del a, view, c, d
     assert tracker.live == 0
+
+
+def _two_steps(stage2_models, chunk, layer_scores=None, monkeypatch=None):
+    """Two stage-2 steps from seed 0 with the layer choice on 4 images; returns (records, G_t weights, final chunk)."""
+    from ipltool.train.stage2 import stage2_step, start_stage2
+
+    source, clip, prompts, mapper = stage2_models
+    domain = load_domain("disney").with_overrides({**SMOKE_OVERRIDES, "adapt.auto_layer_batch": 4})
+    terms = clip_terms([(clip, 1.0)], domain)
+    if layer_scores is not None:
+        monkeypatch.setattr(stage2, "layer_scores", layer_scores)
+    torch.manual_seed(0)
+    state = start_stage2(source, domain, chunk=chunk)
+    records = [stage2_step(state, source, terms, domain, mapper, prompts) for _ in range(2)]
+    return records, {k: v.clone() for k, v in state.trainable.state_dict().items()}, state.chunk
+
+
+def test_layer_choice_out_of_memory_halves_the_chunk_and_keeps_the_runs_draws(stage2_models, monkeypatch, capsys):
+    real = stage2.layer_scores
+
+    def tight(source, trainable, terms, z, noises, precision=stage2.FP32, scaler=None, chunk=None):
+        if (chunk or z.shape[0]) > 1:
+            torch.randn(100)  # work done before the allocation failed also drew random numbers
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(source, trainable, terms, z, noises, precision, scaler, chunk)
+
+    reference, weights, _ = _two_steps(stage2_models, 1)
+    records, halved, chunk = _two_steps(stage2_models, None, tight, monkeypatch)
+    assert chunk == 1  # 4 -> 2 -> 1, then kept for the second step
+    err = capsys.readouterr().err
+    assert "ran out of memory rendering 4 images at once; it renders 2 from now on (as --chunk 2" in err
+    assert "rendering 2 images at once; it renders 1" in err and err.count("ran out of memory") == 2
+    # The step a run started at --chunk 1 takes: same layers, losses and weights.
+    assert [(r["layers"], r["loss"]) for r in records] == [(r["layers"], r["loss"]) for r in reference]
+    for key in weights:
+        assert torch.equal(halved[key], weights[key]), key
+
+
+def test_layer_choice_out_of_memory_at_one_image_goes_to_the_step_guard(stage2_models, monkeypatch):
+    def never(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _two_steps(stage2_models, None, never, monkeypatch)

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ipltool import console
 from ipltool.domain import Adapt, Domain
 from ipltool.errors import UsageError
 from ipltool.models.clip import Clip, PromptEncoder
 from ipltool.models.stylegan2 import Generator
 from ipltool.precision import FP32, Precision, backward_step
 from ipltool.train import losses
+from ipltool.train.run import capture_rng_state, restore_rng_state
 from ipltool.train.text import TextFeatures
 
 # StyleGAN2's lazy-regularization ratio (g_reg_every = 4), which the reference keeps for Adam.
@@ -298,6 +300,42 @@ def start_stage2(source: Generator, domain: Domain, precision: Precision = FP32,
     return Stage2State(trainable, ema, optimizer, 0, fixed_z, precision, precision.scaler(), precision.scaler(), chunk)
 
 
+def _choose_layers_fitting(state: Stage2State, source: Generator, terms: list[ClipTerm], cfg: Adapt) -> list[int]:
+    """`choose_layers` for the step; when the device runs out of memory, again with half the chunk.
+
+    The layer choice's images with their gradients set the peak of a large run (8 at
+    1024 px: 11.9 GiB of tensors in bf16, benchmarks/RESULTS.md), and its parts add up to
+    the same sums. So an out-of-memory error there halves `state.chunk` for this step and
+    the rest of the run, with the random generators put back first: the step is the one
+    a run started at the smaller `--chunk` takes. One line says so. At a chunk of 1 the
+    error goes on to the step guard, which names the flags to lower.
+    """
+    batch = cfg.auto_layer_batch
+    rng = capture_rng_state()
+    scaler = state.layer_scaler.state_dict() if state.layer_scaler is not None else None  # fp16's scale, as the step found it
+    while True:
+        try:
+            return choose_layers(
+                source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, batch,
+                state.precision, state.layer_scaler, state.chunk,
+            )
+        except torch.OutOfMemoryError:
+            at_once = min(state.chunk or batch, batch)
+            if at_once <= 1:
+                raise
+        # Outside the handler, so the failed attempt's tensors (held by its traceback) are gone.
+        state.chunk = at_once // 2
+        if source.device.type == "cuda":
+            torch.cuda.empty_cache()
+        restore_rng_state(rng)
+        if scaler:
+            state.layer_scaler.load_state_dict(scaler)
+        console.info(
+            f"[yellow]stage 2: the layer choice ran out of memory rendering {at_once} images at once; "
+            f"it renders {state.chunk} from now on (as --chunk {state.chunk}: the same results)[/]"
+        )
+
+
 def text_directions(term: ClipTerm, learned: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """The text direction(s) one CLIP model's loss aims at.
 
@@ -344,12 +382,7 @@ def stage2_step(
             u = u.float()
             learned = (u[:batch], u[batch:])
 
-    chosen = None
-    if cfg.auto_layer_iters > 0:
-        chosen = choose_layers(
-            source, state.trainable, terms, cfg.layer_k(source.n_latent), cfg.auto_layer_iters, cfg.auto_layer_batch,
-            precision, state.layer_scaler, state.chunk,
-        )
+    chosen = _choose_layers_fitting(state, source, terms, cfg) if cfg.auto_layer_iters > 0 else None
     train_only(state.trainable, chosen)
 
     w_plus = source.to_w_plus(ws)  # one crossover index, shared by G_s and G_t
