@@ -40,7 +40,7 @@ def adapt(
     save_every: int = save_every_option(),
     precision: Optional[str] = precision_option(),
     compile_renders: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
-    chunk: int = chunk_option("stage 1, the layer choice and the sample grids"),
+    chunk: int = chunk_option("stage 1, the layer choice and the sample grids", " (e.g. 4 or 2 at 1024 px on an 11-12 GB GPU)"),
     smoke: bool = smoke_option(),
     json_output: bool = console.json_option(),
 ) -> None:

@@ -53,11 +53,11 @@ def save_every_option():
     return typer.Option(50, min=1, help="Save the resume state every N steps (Ctrl-C also saves it).")
 
 
-def chunk_option(stages: str):
-    """`--chunk N` of the training commands; `stages` names what renders in chunks there."""
+def chunk_option(stages: str, example: str = ""):
+    """`--chunk N` of the training commands; `stages` names what renders in chunks there, `example` a setting for a small GPU."""
     return typer.Option(
         8, "--chunk", min=1,
-        help=f"Images rendered at once by {stages}: lower it when memory runs out (e.g. 4 or 2 at 1024 px on an 11-12 GB GPU); the results stay the same to float rounding.",
+        help=f"Images rendered at once by {stages}: lower it when memory runs out{example}; the results stay the same to float rounding.",
     )
 
 
